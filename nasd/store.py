@@ -22,8 +22,9 @@ from twisted.logger import Logger
 
 from nasd.jwt import Token
 from nasd.keys import is_account_key
+from nasd.logs import observer
 
-log = Logger()
+log = Logger(observer=observer)
 
 FILE_MODE = 0o600
 FOLDER_MODE = 0o700
