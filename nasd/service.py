@@ -1,0 +1,220 @@
+"""Assemble nasd from its configuration: trust anchors, store, HTTP listener and NATS publisher."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from nasd import __version__, logs
+from nasd.config import Config
+from nasd.creds import CredsError, load_credentials
+from nasd.http import AccountServerAPI, BoundedRequest
+from nasd.jwt import JWTError, Operator, Token, decode_account, decode_operator, read_decorated
+from nasd.nats import ClaimUpdatePublisher, parse_server_url
+from nasd.store import AccountStore, DirectoryStore, MemoryStore, StoreError
+
+log = Logger(observer=logs.observer)
+
+
+class StartupError(Exception):
+    """A configured file or value that keeps nasd from starting."""
+
+
+class NasService(MultiService):
+    """The running server: listens in ``privilegedStartService`` so the real port is known early."""
+
+    def __init__(self, reactor: Any, config: Config, api: AccountServerAPI, publisher: ClaimUpdatePublisher | None) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.config = config
+        self.api = api
+        self.publisher = publisher
+        self.port: IListeningPort | None = None
+        self.site = Site(api.resource(), timeout=config.http.read_timeout or None)
+        self.site.requestFactory = BoundedRequest
+        self.site.displayTracebacks = False
+        if publisher is not None:
+            publisher.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        http = self.config.http
+        try:
+            self.port = self.reactor.listenTCP(http.port, self.site, interface=http.host)
+        except Exception as error:
+            raise SystemExit(f"nasd: cannot listen on {format_address(http.host, http.port)}: {error}") from None
+        super().privilegedStartService()
+        address = self.port.getHost()
+        log.info("listening for HTTP on {address}", address=format_address(address.host, address.port))
+        advertised = http.host if http.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        log.info("configure the nats-server with:")
+        log.info("  resolver: URL(http://{hostport}/jwt/v1/accounts/)", hostport=format_address(advertised, address.port))
+        if advertised != http.host:
+            log.info("(nasd listens on every interface; use an address of this host that the nats-servers can reach)")
+
+    def stopService(self) -> Deferred[None]:
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        log.info("stopping: no new connections, finishing {count} upload(s) in progress", count=len(self.api.in_flight))
+        if self.port is not None:
+            await self.port.stopListening()
+        if self.api.in_flight:
+            await DeferredList(list(self.api.in_flight), consumeErrors=True)
+        await super().stopService()
+        self._exit_cleanly()
+        log.info("stopped")
+
+    def _exit_cleanly(self) -> None:
+        """Make twistd exit with status 0 after a shutdown requested by SIGTERM or SIGINT.
+
+        twistd (seen in Twisted 26.10) kills itself again with the signal that stopped
+        the reactor, so the exit status would be -15 or -2. nasd has finished its work
+        by now, so it clears the recorded signal, a private attribute of the reactor.
+        """
+        if getattr(self.reactor, "_exitSignal", None) in (signal.SIGTERM, signal.SIGINT):
+            self.reactor._exitSignal = None
+
+
+def build_service(reactor: Any, config: Config) -> NasService:
+    """Check every configured file and build the service; raise StartupError on a problem."""
+    logs.set_level(config.logging.debug or config.logging.trace)
+    log.info("starting nasd {version}", version=__version__)
+    log.info("configuration file: {path}", path=config.config_file or "(none; built-in defaults)")
+    for warning in config.warnings:
+        log.warn("configuration: {warning}", warning=warning)
+    for name in ("time", "colors", "pid"):
+        if getattr(config.logging, name) != getattr(type(config.logging)(), name):
+            log.warn("logging.{name} has no effect: twistd formats the log lines", name=name)
+
+    operator = load_operator(config)
+    system_account = load_system_account(config, operator)
+    store = open_store(reactor, config)
+    publisher = build_publisher(reactor, config)
+
+    api = AccountServerAPI(reactor, store, operator, publisher, system_account)
+    return NasService(reactor, config, api, publisher)
+
+
+def load_operator(config: Config) -> Operator | None:
+    if config.operator is None:
+        log.warn("no operator is configured: every upload will be rejected; set operatorjwtpath or operator")
+        return None
+    source = "the inline operator JWT" if config.operator_is_inline else config.operator
+    try:
+        text = config.operator if config.operator_is_inline else _read_text(config.operator)
+        operator = Operator.from_token(decode_operator(read_decorated(text)))
+    except (OSError, UnicodeDecodeError) as error:
+        raise StartupError(f"cannot read the operator JWT {source}: {_reason(error)}") from None
+    except JWTError as error:
+        raise StartupError(f"the operator JWT {source} is invalid: {error}") from None
+    log.info("operator {name} ({key}) from {source}", name=operator.name, key=operator.key, source=source)
+    if operator.signing_keys:
+        log.info("operator signing keys: {keys}", keys=", ".join(sorted(operator.signing_keys)))
+    return operator
+
+
+def load_system_account(config: Config, operator: Operator | None) -> Token | None:
+    expected = {
+        name: key
+        for name, key in (
+            ("the configured system_account", config.system_account),
+            ("the operator's system_account", operator.system_account if operator else None),
+        )
+        if key
+    }
+    token = None
+    if config.system_account_jwt_path is not None:
+        path = config.system_account_jwt_path
+        try:
+            token = decode_account(read_decorated(_read_text(path)))
+        except (OSError, UnicodeDecodeError) as error:
+            raise StartupError(f"cannot read the system account JWT {path}: {_reason(error)}") from None
+        except JWTError as error:
+            raise StartupError(f"the system account JWT {path} is invalid: {error}") from None
+        if operator is not None and not operator.trusts(token.issuer):
+            raise StartupError(f"the system account JWT {path} is not signed by operator {operator.name} or its signing keys")
+        expected[f"the subject of {path}"] = token.subject
+
+    if len(set(expected.values())) > 1:
+        listing = "; ".join(f"{name} is {key}" for name, key in expected.items())
+        raise StartupError(f"the system account is configured inconsistently: {listing}")
+    if expected:
+        key = next(iter(expected.values()))
+        log.info("system account {key}{source}", key=key, source=f" (JWT from {config.system_account_jwt_path})" if token else "")
+    else:
+        log.info("no system account is configured")
+    return token
+
+
+def open_store(reactor: Any, config: Config) -> AccountStore:
+    if config.store.dir is None:
+        log.warn("store: in memory only; nothing survives a restart (set store.dir to keep JWTs on disk)")
+        return MemoryStore()
+    store = DirectoryStore(reactor, config.store.dir, shard=config.store.shard, readonly=config.store.readonly)
+    try:
+        store.open()
+    except (OSError, StoreError) as error:
+        raise StartupError(f"cannot open the store folder {config.store.dir}: {_reason(error)}") from None
+    layout = "sharded" if config.store.shard else "flat"
+    mode = ", read-only" if config.store.readonly else ""
+    log.info(
+        "store: {layout} directory {path}{mode}, {count} account JWT(s)",
+        layout=layout, path=store.location, mode=mode, count=len(store),
+    )
+    return store
+
+
+def build_publisher(reactor: Any, config: Config) -> ClaimUpdatePublisher | None:
+    nats = config.nats
+    if not nats.servers:
+        log.info("NATS: not configured; claim updates will not be published")
+        return None
+    for url in nats.servers:
+        try:
+            parse_server_url(url)
+        except ValueError as error:
+            raise StartupError(f"nats.servers: {error}") from None
+    credentials = None
+    if nats.user_credentials is not None:
+        try:
+            credentials = load_credentials(nats.user_credentials)
+        except CredsError as error:
+            raise StartupError(str(error)) from None
+    else:
+        log.warn("NATS: no usercredentials configured; nats-server only accepts claim updates from a system account user")
+    log.info(
+        "NATS: servers {servers}, creds {creds}",
+        servers=", ".join(nats.servers), creds=nats.user_credentials or "(none)",
+    )
+    return ClaimUpdatePublisher(
+        reactor,
+        servers=nats.servers,
+        credentials=credentials,
+        connect_timeout=nats.connect_timeout,
+        reconnect_wait=nats.reconnect_wait,
+        max_reconnects=nats.max_reconnects,
+        trace=config.logging.trace,
+    )
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as file:
+        return file.read()
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error)
+
+

@@ -1,0 +1,98 @@
+"""Command-line options and service assembly for ``twistd nas``."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from nasd import config as configuration
+from nasd.config import Config, ConfigError
+
+
+class Options(usage.Options):
+    """Options of ``twistd nas``; each one overrides the same setting in the file."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run the nasd NATS account server. Settings come from the configuration file given "
+        "with --config; the other options override the file."
+    )
+    optParameters = [
+        ["config", "c", None, "Configuration file in nats-server syntax."],
+        ["dir", None, None, "Folder to store account JWTs in (store.dir)."],
+        ["operator", None, None, "Operator JWT file, or the JWT itself (operator)."],
+        ["nats", None, None, "NATS server URL(s) for claim updates, comma-separated (nats.servers)."],
+        ["creds", None, None, "Creds file of a system account user (nats.usercredentials)."],
+        ["hp", None, None, "HTTP listen address as host:port, e.g. 127.0.0.1:9090 (http.host, http.port)."],
+    ]
+    optFlags = [
+        ["debug", "D", "Log debug messages (logging.debug)."],
+        ["trace", "V", "Log every NATS protocol line at debug level (logging.trace)."],
+    ]
+
+    def postOptions(self) -> None:
+        if self["hp"] is not None:
+            self["hp"] = parse_host_port(self["hp"])
+        if self["nats"] is not None:
+            servers = tuple(part.strip() for part in self["nats"].split(",") if part.strip())
+            if not servers:
+                raise usage.UsageError(f"--nats: expected one or more server URLs, got {self['nats']!r}")
+            self["nats"] = servers
+        if self["config"] is not None and not os.path.isfile(os.path.expanduser(self["config"])):
+            raise usage.UsageError(f"--config: {self['config']} is not a file")
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6, ``:port`` for every interface)."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]*):(\d+)", value.strip())
+    if match is None:
+        raise usage.UsageError(f"--hp: expected host:port such as 127.0.0.1:9090, got {value!r}")
+    host = match.group(1) if match.group(1) is not None else match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if port > 65535:
+        raise usage.UsageError(f"--hp: the port must be between 0 and 65535, got {port}")
+    return host, port
+
+
+def build_config(options: Options | dict[str, Any]) -> Config:
+    """Load the configuration file, if any, and apply the command-line overrides."""
+    config = configuration.load(options["config"]) if options["config"] else Config()
+    here = os.getcwd()
+    if options["dir"] is not None:
+        config = configuration.with_overrides(config, store={"dir": os.path.abspath(os.path.expanduser(options["dir"]))})
+    if options["operator"] is not None:
+        value = options["operator"]
+        if not value.startswith("eyJ"):
+            value = os.path.normpath(os.path.join(here, os.path.expanduser(value)))
+        config = configuration.with_overrides(config, operator=value)
+    if options["nats"] is not None:
+        config = configuration.with_overrides(config, nats={"servers": tuple(options["nats"])})
+    if options["creds"] is not None:
+        config = configuration.with_overrides(
+            config, nats={"user_credentials": os.path.abspath(os.path.expanduser(options["creds"]))}
+        )
+    if options["hp"] is not None:
+        host, port = options["hp"]
+        config = configuration.with_overrides(config, http={"host": host, "port": port})
+    if options["debug"]:
+        config = configuration.with_overrides(config, logging={"debug": True})
+    if options["trace"]:
+        config = configuration.with_overrides(config, logging={"trace": True})
+    return config
+
+
+def makeService(options: Options) -> IService:
+    """Build the nasd service; a configuration problem stops twistd with one clear line."""
+    from twisted.internet import reactor
+
+    from nasd.service import StartupError, build_service
+
+    try:
+        config = build_config(options)
+        return build_service(reactor, config)
+    except (ConfigError, StartupError) as error:
+        raise SystemExit(f"nasd: {error}") from None
