@@ -11,7 +11,9 @@ from typing import Any
 
 import nkeys
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "nsc-demo"
+FIXTURES = Path(
+    os.environ.get("NASD_FIXTURES") or Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "nsc-demo"
+)
 STORE = FIXTURES / "stores" / "demo"
 KEYS = FIXTURES / "keys" / "keys"
 CREDS = FIXTURES / "keys" / "creds" / "demo"
