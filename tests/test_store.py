@@ -2,7 +2,9 @@
 
 import errno
 import os
+import shutil
 import stat
+import tempfile
 
 import nkeys
 from twisted.internet import reactor
@@ -63,7 +65,9 @@ class MemoryStoreTests(unittest.TestCase):
 
 class DirectoryStoreTests(unittest.TestCase):
     def setUp(self):
-        self.folder = os.path.join(self.mktemp(), "store")
+        parent = tempfile.mkdtemp(prefix="nasd-store-")
+        self.addCleanup(shutil.rmtree, parent, ignore_errors=True)
+        self.folder = os.path.join(parent, "store")
 
     def _open(self, shard=False, readonly=False) -> DirectoryStore:
         store = DirectoryStore(reactor, self.folder, shard=shard, readonly=readonly)
