@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 import nasd
 from nasd.creds import Credentials
+from nasd.journal import PendingJournal
 from nasd.logs import observer
 
 DEFAULT_PORT = 4222
@@ -867,9 +868,9 @@ class ClaimUpdatePublisher(Service):
 
     The latest JWT of each account stays pending until a PONG confirms that the NATS
     server processed its PUB. Updates accepted while NATS is down, or in flight when a
-    connection drops, are therefore published again on the next connection. Pending
-    updates live in memory only and are lost when nasd stops, but nats-servers can
-    still fetch the JWTs from nasd's HTTP resolver.
+    connection drops, are therefore published again on the next connection. With a
+    journal, the accounts still pending are also written to disk whenever NATS is
+    unreachable and at shutdown, so that the next start can queue them again.
     """
 
     log = Logger(observer=observer)
@@ -886,6 +887,7 @@ class ClaimUpdatePublisher(Service):
         trace: bool = False,
         ping_interval: float = 120.0,
         stop_timeout: float = 2.0,
+        journal: PendingJournal | None = None,
     ) -> None:
         addresses = [parse_server(url) for url in servers]
         options = ClientOptions(
@@ -906,6 +908,7 @@ class ClaimUpdatePublisher(Service):
             on_lost=self._connection_lost,
         )
         self._stop_timeout = stop_timeout
+        self._journal = journal
         self._pending: dict[str, bytes] = {}
         self._protocol: NATSClientProtocol | None = None
         self._last_published: float | None = None
@@ -958,6 +961,7 @@ class ClaimUpdatePublisher(Service):
                 "NATS is not connected; holding the claim update for account {account}",
                 account=account[:12],
             )
+            self._record_pending()
             return
         self._send_update(protocol, account, jwt)
 
@@ -1024,6 +1028,13 @@ class ClaimUpdatePublisher(Service):
         """Remove the pending update unless a newer JWT has replaced it meanwhile."""
         if self._pending.get(account) == jwt:
             del self._pending[account]
+        if not self._pending:
+            self._record_pending()
+
+    def _record_pending(self) -> None:
+        """Write the accounts still pending to the journal, if there is one."""
+        if self._journal is not None:
+            self._journal.record(self._pending)
 
     def _connection_ready(self, protocol: NATSClientProtocol) -> None:
         self._protocol = protocol
@@ -1039,6 +1050,8 @@ class ClaimUpdatePublisher(Service):
     def _connection_lost(self, protocol: NATSClientProtocol, reason: Failure) -> None:
         if self._protocol is protocol:
             self._protocol = None
+        if self._pending:
+            self._record_pending()
 
     def _confirm_in_flight(self) -> Deferred[None]:
         protocol = self._protocol
@@ -1059,6 +1072,17 @@ class ClaimUpdatePublisher(Service):
 
     def _log_unpublished(self) -> None:
         if not self._pending:
+            return
+        self._record_pending()
+        if self._journal is not None:
+            self.log.warn(
+                "{count} claim updates were not confirmed by NATS before shutdown "
+                "(accounts {accounts}); they are recorded in {path} and published after "
+                "the next start",
+                count=len(self._pending),
+                accounts=", ".join(account[:12] for account in sorted(self._pending)),
+                path=self._journal.path,
+            )
             return
         self.log.warn(
             "{count} claim updates were never confirmed by NATS and are dropped at "

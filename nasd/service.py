@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
@@ -15,6 +16,7 @@ from nasd import __version__, logs
 from nasd.config import Config
 from nasd.creds import CredsError, load_credentials
 from nasd.http import AccountServerAPI, BoundedRequest
+from nasd.journal import JOURNAL_NAME, PendingJournal
 from nasd.jwt import JWTError, Operator, Token, decode_account, decode_operator, read_decorated
 from nasd.nats import ClaimUpdatePublisher, parse_server_url
 from nasd.store import AccountStore, DirectoryStore, MemoryStore, StoreError
@@ -95,7 +97,12 @@ def build_service(reactor: Any, config: Config) -> NasService:
     operator = load_operator(config)
     system_account = load_system_account(config, operator)
     store = open_store(reactor, config)
-    publisher = build_publisher(reactor, config)
+    journal = None
+    if store.location is not None:
+        journal = PendingJournal(os.path.join(store.location, JOURNAL_NAME))
+    publisher = build_publisher(reactor, config, journal)
+    if journal is not None:
+        requeue_pending(journal, store, publisher)
 
     api = AccountServerAPI(reactor, store, operator, publisher, system_account)
     return NasService(reactor, config, api, publisher)
@@ -170,7 +177,27 @@ def open_store(reactor: Any, config: Config) -> AccountStore:
     return store
 
 
-def build_publisher(reactor: Any, config: Config) -> ClaimUpdatePublisher | None:
+def requeue_pending(journal: PendingJournal, store: AccountStore, publisher: ClaimUpdatePublisher | None) -> None:
+    """Queue again the claim updates that NATS had not confirmed when nasd last stopped."""
+    keys = journal.load()
+    if not keys:
+        return
+    if publisher is None:
+        log.warn(
+            "{count} claim update(s) recorded in {path} were never published, and NATS is not configured",
+            count=len(keys), path=journal.path,
+        )
+        return
+    queued = 0
+    for key in keys:
+        entry = store.get(key)
+        if entry is not None:
+            publisher.publish_account_update(key, entry.raw)
+            queued += 1
+    log.info("queued {count} claim update(s) left unpublished at the last stop", count=queued)
+
+
+def build_publisher(reactor: Any, config: Config, journal: PendingJournal | None = None) -> ClaimUpdatePublisher | None:
     nats = config.nats
     if not nats.servers:
         log.info("NATS: not configured; claim updates will not be published")
@@ -200,6 +227,7 @@ def build_publisher(reactor: Any, config: Config) -> ClaimUpdatePublisher | None
         reconnect_wait=nats.reconnect_wait,
         max_reconnects=nats.max_reconnects,
         trace=config.logging.trace,
+        journal=journal,
     )
 
 

@@ -212,7 +212,7 @@ class DirectoryStore(MemoryStore):
         if entry is None:
             return succeed(False)
         path = self.path_for(entry.key)
-        written = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), _write_durably, path, entry.raw)
+        written = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), write_durably, path, entry.raw)
 
         def written_ok(_: object) -> bool:
             self._index[entry.key] = entry
@@ -221,7 +221,7 @@ class DirectoryStore(MemoryStore):
         return written.addCallback(written_ok)
 
 
-def _write_durably(path: str, data: bytes) -> None:
+def write_durably(path: str, data: bytes) -> None:
     """Replace *path* with *data* atomically, syncing the file and its folder."""
     folder = os.path.dirname(path)
     temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{binascii.hexlify(os.urandom(4)).decode()}.tmp")

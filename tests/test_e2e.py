@@ -218,3 +218,40 @@ def test_bad_config_stops_with_location(tmp_path):
     output = nasd.output()
     assert status == 1
     assert f"{nasd.config_path}:2:" in output, output
+
+
+def test_update_held_across_nasd_restart(tmp_path, loop):
+    nats_port = free_port()
+    gate = TCPGate(nats_port)
+    nasd = Nasd(tmp_path, nasd_config(tmp_path, gate.port))
+    nats_server = None
+    try:
+        # An update accepted while NATS is unreachable survives a restart of nasd.
+        nasd.start()
+        assert nasd.post_account(SYS, fixture_jwt("SYS"))[0] == 200
+        update = shop_update(conn=3)
+        assert nasd.post_account(SHOP, update)[0] == 200
+        assert nasd.stop(signal.SIGTERM) == 0
+        assert (tmp_path / "jwt" / ".pending-updates").read_text() == "".join(f"{key}\n" for key in sorted([SYS, SHOP]))
+        nasd.start()
+        assert "queued 2 claim update(s) left unpublished at the last stop" in nasd.output()
+
+        nats_server = NatsServer(tmp_path, f"{nasd.url}/jwt/v1/accounts/", port=nats_port)
+        nats_server.start()
+        watcher = loop.run(connect(nats_server.url, CREDS / "SYS" / "sysuser.creds"))
+        subscription = loop.run(watcher.subscribe(UPDATE_SUBJECT))
+        loop.run(watcher.flush())
+        gate.open()
+        received = {}
+        for _ in range(2):
+            message = loop.run(subscription.next_msg(timeout=15))
+            received[message.subject] = message.data
+        assert received[f"$SYS.ACCOUNT.{SHOP}.CLAIMS.UPDATE"] == update
+        assert received[f"$SYS.ACCOUNT.{SYS}.CLAIMS.UPDATE"] == fixture_jwt("SYS")
+        wait_for(lambda: not (tmp_path / "jwt" / ".pending-updates").exists(), 10, "nasd to clear its journal")
+        loop.run(watcher.close())
+    finally:
+        gate.close()
+        if nats_server is not None:
+            nats_server.stop()
+        nasd.stop()
