@@ -217,6 +217,13 @@ def _duration(reader: _Reader, value: Any, key: str) -> float:
     return parse_duration(value, key)
 
 
+def _positive_duration(reader: _Reader, value: Any, key: str) -> float:
+    seconds = parse_duration(value, key)
+    if seconds <= 0:
+        raise ConfigError(f"{key}: must be greater than zero, got {value!r}")
+    return seconds
+
+
 def _servers(reader: _Reader, value: Any, key: str) -> tuple[str, ...]:
     items = value if isinstance(value, list) else [value]
     if not all(isinstance(item, str) and item for item in items):
@@ -245,8 +252,8 @@ _STORE_KEYS = {
 _NATS_KEYS = {
     "servers": ("servers", _servers),
     "usercredentials": ("user_credentials", _path),
-    "connecttimeout": ("connect_timeout", _duration),
-    "reconnectwait": ("reconnect_wait", _duration),
+    "connecttimeout": ("connect_timeout", _positive_duration),
+    "reconnectwait": ("reconnect_wait", _positive_duration),
     "maxreconnects": ("max_reconnects", _integer),
 }
 _LOGGING_KEYS = {name: (name, _boolean) for name in ("time", "debug", "trace", "colors", "pid")}
