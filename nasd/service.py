@@ -28,6 +28,30 @@ class StartupError(Exception):
     """A configured file or value that keeps nasd from starting."""
 
 
+class QuietSite(Site):
+    """A Site that writes access log lines only when debug logging is on.
+
+    nats-servers fetch accounts on every first connection of a user, so access lines
+    at info level would drown the lines that matter.
+    """
+
+    noisy = False
+    access_log = False
+    write_timeout: float | None = None
+
+    def log(self, request: Any) -> None:
+        if self.access_log:
+            super().log(request)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """Build a channel that is aborted when a closing connection cannot send the
+        rest of its response within the configured write timeout."""
+        channel = super().buildProtocol(addr)
+        if channel is not None and self.write_timeout:
+            channel.abortTimeout = self.write_timeout
+        return channel
+
+
 class NasService(MultiService):
     """The running server: listens in ``privilegedStartService`` so the real port is known early."""
 
@@ -38,9 +62,11 @@ class NasService(MultiService):
         self.api = api
         self.publisher = publisher
         self.port: IListeningPort | None = None
-        self.site = Site(api.resource(), timeout=config.http.read_timeout or None)
+        self.site = QuietSite(api.resource(), timeout=config.http.read_timeout or None)
         self.site.requestFactory = BoundedRequest
         self.site.displayTracebacks = False
+        self.site.access_log = config.logging.debug
+        self.site.write_timeout = config.http.write_timeout
         if publisher is not None:
             publisher.setServiceParent(self)
 

@@ -124,3 +124,9 @@ def test_durations():
         parse_duration(-1, "k")
     with pytest.raises(ConfigError):
         parse_duration(True, "k")
+
+
+@pytest.mark.parametrize("key", ["reconnectwait", "connecttimeout"])
+def test_zero_nats_wait_rejected(tmp_path, key):
+    with pytest.raises(ConfigError, match=f"nats.{key}: must be greater than zero"):
+        _load(tmp_path, f"nats {{ {key}: 0 }}")
