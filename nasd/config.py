@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class HTTPConfig:
-    """Where the HTTP API listens; timeouts are in seconds."""
+    """The HTTP listen address and timeouts (in seconds)."""
 
     host: str = "127.0.0.1"
     port: int = 9090
@@ -33,7 +33,7 @@ class HTTPConfig:
 
 @dataclass(frozen=True)
 class StoreConfig:
-    """Where account JWTs are kept; no ``dir`` means in memory only."""
+    """The account JWT store: a folder, or memory only when ``dir`` is None."""
 
     dir: str | None = None
     readonly: bool = False
@@ -78,7 +78,7 @@ class Config:
 
     @property
     def operator_is_inline(self) -> bool:
-        """Return whether ``operator`` holds the JWT itself rather than a file path."""
+        """Return whether ``operator`` contains the JWT itself rather than a file path."""
         return self.operator is not None and self.operator.startswith("eyJ")
 
 

@@ -34,7 +34,7 @@ NO_STORE = (
 
 
 class ClaimPublisher(Protocol):
-    """What the API needs from the NATS side: queue an update and report the connection."""
+    """The NATS side as the API sees it: a queue for updates and the connection state."""
 
     connected: bool
     server_url: str | None
@@ -68,7 +68,7 @@ class AccountServerAPI:
     def resource(self) -> Any:
         return self.app.resource()
 
-    # The resolver check: nats-server refuses to start unless this answers 200.
+    # The resolver check: nats-server does not start unless this route returns 200.
 
     @app.route("/jwt/v1/accounts", methods=["GET"])
     @app.route("/jwt/v1/accounts/", methods=["GET"])
@@ -293,8 +293,8 @@ def _peer(request: IRequest) -> str:
 class BoundedRequest(Request):
     """An HTTP request whose body may not exceed MAX_BODY_SIZE.
 
-    twisted.web buffers a whole body before routing, so an announced or received body
-    over the limit is answered with 413 and the connection closed before buffering more.
+    twisted.web buffers a whole body before routing, so a request that announces or
+    sends more gets a 413 response and the connection is closed before more is buffered.
     """
 
     max_body_size = MAX_BODY_SIZE

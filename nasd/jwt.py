@@ -217,23 +217,23 @@ def render_decoded(token: Token) -> str:
     return header + "\n" + "\n".join(annotated) + "\n"
 
 
-def _decode_segment(segment: bytes, what: str) -> bytes:
+def _decode_segment(segment: bytes, part: str) -> bytes:
     if not segment or not _SEGMENT.match(segment):
-        raise JWTError(f"the {what} segment is not unpadded base64url")
+        raise JWTError(f"the {part} segment is not unpadded base64url")
     try:
         return base64.urlsafe_b64decode(segment + b"=" * (-len(segment) % 4))
     except (binascii.Error, ValueError):
-        raise JWTError(f"the {what} segment is not valid base64url") from None
+        raise JWTError(f"the {part} segment is not valid base64url") from None
 
 
-def _decode_json_segment(segment: bytes, what: str) -> dict[str, Any]:
-    data = _decode_segment(segment, what)
+def _decode_json_segment(segment: bytes, part: str) -> dict[str, Any]:
+    data = _decode_segment(segment, part)
     try:
         value = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise JWTError(f"the {what} segment is not valid JSON: {error}") from None
+        raise JWTError(f"the {part} segment is not valid JSON: {error}") from None
     if not isinstance(value, dict):
-        raise JWTError(f"the {what} segment is not a JSON object")
+        raise JWTError(f"the {part} segment is not a JSON object")
     return value
 
 
@@ -319,11 +319,11 @@ def _account_section_problems(nats: dict[str, Any]) -> list[str]:
     return problems
 
 
-def _list_of_objects(value: Any, what: str, problems: list[str]) -> list[dict[str, Any]]:
+def _list_of_objects(value: Any, part: str, problems: list[str]) -> list[dict[str, Any]]:
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
-        problems.append(f"{what} must be a list of objects")
+        problems.append(f"{part} must be a list of objects")
         return []
     return value
 

@@ -27,15 +27,6 @@ class KeyKind(enum.Enum):
     SERVER = 13 << 3
     CLUSTER = 2 << 3
 
-    @property
-    def letter(self) -> str:
-        return {
-            KeyKind.OPERATOR: "O",
-            KeyKind.ACCOUNT: "A",
-            KeyKind.USER: "U",
-            KeyKind.SERVER: "N",
-            KeyKind.CLUSTER: "C",
-        }[self]
 
 
 class InvalidKeyError(ValueError):

@@ -66,7 +66,7 @@ class StoredJWT:
 
 
 class AccountStore(Protocol):
-    """What the HTTP and NATS sides need from a store."""
+    """The store interface that the HTTP API and the NATS side use."""
 
     kind: str
     location: str | None
@@ -128,7 +128,7 @@ class MemoryStore:
         if self.readonly:
             raise ReadOnlyStoreError("the store is read-only")
         if not is_account_key(token.subject):
-            raise StoreError(f"refusing to store a JWT under the invalid account key {token.subject[:60]!r}")
+            raise StoreError(f"cannot store a JWT under the invalid account key {token.subject[:60]!r}")
         current = self._index.get(token.subject)
         if current is not None:
             if current.raw == token.raw:
@@ -164,7 +164,7 @@ class DirectoryStore(MemoryStore):
     def path_for(self, key: str) -> str:
         """Return the file path of an account key; only valid account keys become paths."""
         if not is_account_key(key):
-            raise StoreError(f"refusing to build a path from the invalid account key {key[:60]!r}")
+            raise StoreError(f"cannot build a path from the invalid account key {key[:60]!r}")
         if self.shard:
             return os.path.join(self.location or "", key[-2:], key + ".jwt")
         return os.path.join(self.location or "", key + ".jwt")
