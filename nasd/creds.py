@@ -6,10 +6,16 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import re
 from dataclasses import dataclass, field
 
 import nkeys  # type: ignore[import-untyped]
+from twisted.logger import Logger
+
+from nasd.logs import observer
+
+log = Logger(observer=observer)
 
 # A frame line such as "-----BEGIN NATS USER JWT-----" or "------END USER NKEY SEED------".
 # nsc writes 5 dashes around BEGIN lines and 6 around END lines. The NATS client
@@ -214,3 +220,44 @@ def _check_user_seed(path: str, seed: bytes) -> None:
         raise CredsError(
             f"creds file {path}: the nkey seed is for a key of type {kind}, not a user"
         )
+
+
+class CredentialsFile:
+    """A creds file read again when it changes, so rotated creds apply at the next connection.
+
+    When the changed file cannot be loaded, the error is logged and the credentials
+    loaded before stay in use.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._credentials = load_credentials(path)
+        self._stamp = _file_stamp(path)
+
+    @property
+    def public_key(self) -> str:
+        return self._credentials.public_key
+
+    def current(self) -> Credentials:
+        """Return the credentials, reloading the file first when it changed on disk."""
+        stamp = _file_stamp(self.path)
+        if stamp is None or stamp == self._stamp:
+            return self._credentials
+        self._stamp = stamp
+        try:
+            credentials = load_credentials(self.path)
+        except CredsError as error:
+            log.error("{error}; keeping the credentials loaded before", error=str(error))
+            return self._credentials
+        if credentials.public_key != self._credentials.public_key:
+            log.info("creds file {path} changed: now connecting as user {user}", path=self.path, user=credentials.public_key)
+        self._credentials = credentials
+        return credentials
+
+
+def _file_stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_mtime_ns, status.st_size, status.st_ino

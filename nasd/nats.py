@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import nasd
-from nasd.creds import Credentials
+from nasd.creds import Credentials, CredentialsFile
 from nasd.journal import PendingJournal
 from nasd.logs import observer
 
@@ -167,11 +167,11 @@ class ClientOptions:
     PING, and it closes the connection as stale when a PING gets no PONG for a whole
     interval. With ``trace`` every protocol line is logged at debug level.
 
-    NOTE: the credentials are loaded once, when nasd starts. nats.go and nats-py reread
-    the creds file on every reconnect, but nasd needs a restart to use a replaced file.
+    With a CredentialsFile, each connection uses the file as it is then, so replaced
+    creds take effect at the next reconnection without a restart.
     """
 
-    credentials: Credentials | None = None
+    credentials: Credentials | CredentialsFile | None = None
     name: str = "nasd"
     connect_timeout: float = 5.0
     ping_interval: float = 120.0
@@ -565,6 +565,8 @@ class NATSClientProtocol(Protocol):
             "headers": False,
         }
         credentials = self.options.credentials
+        if isinstance(credentials, CredentialsFile):
+            credentials = credentials.current()
         if credentials is not None:
             fields["jwt"] = credentials.jwt
             # Servers that do not use nkeys send no nonce and expect no signature.
@@ -879,7 +881,7 @@ class ClaimUpdatePublisher(Service):
         self,
         reactor: ClientReactor,
         servers: Sequence[str],
-        credentials: Credentials | None,
+        credentials: Credentials | CredentialsFile | None,
         connect_timeout: float,
         reconnect_wait: float,
         max_reconnects: int,

@@ -14,7 +14,7 @@ from twisted.web.server import Site
 
 from nasd import __version__, logs
 from nasd.config import Config
-from nasd.creds import CredsError, load_credentials
+from nasd.creds import CredentialsFile, CredsError
 from nasd.http import AccountServerAPI, BoundedRequest
 from nasd.journal import JOURNAL_NAME, PendingJournal
 from nasd.jwt import JWTError, Operator, Token, decode_account, decode_operator, read_decorated
@@ -236,7 +236,7 @@ def build_publisher(reactor: Any, config: Config, journal: PendingJournal | None
     credentials = None
     if nats.user_credentials is not None:
         try:
-            credentials = load_credentials(nats.user_credentials)
+            credentials = CredentialsFile(nats.user_credentials)
         except CredsError as error:
             raise StartupError(str(error)) from None
     else:

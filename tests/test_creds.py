@@ -12,10 +12,12 @@ import nkeys
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from twisted.trial.unittest import TestCase
 
-from nasd.creds import Credentials, CredsError, load_credentials
+from nasd.creds import Credentials, CredentialsFile, CredsError, load_credentials
+from tests.tokens import CREDS
 
-FIXTURE_CREDS = "/work/shared/fixtures/nsc-demo/keys/creds/demo"
+FIXTURE_CREDS = str(CREDS)
 SYS_CREDS = os.path.join(FIXTURE_CREDS, "SYS", "sys.creds")
+SYSUSER_CREDS = os.path.join(FIXTURE_CREDS, "SYS", "sysuser.creds")
 BOB_CREDS = os.path.join(FIXTURE_CREDS, "SHOP", "bob.creds")
 SYS_USER = "UAERFXZREY5KLHSYX2RECL4JRRG5Q27GIZDFXC43TYOMTGWSJU6QYGZ2"
 
@@ -217,3 +219,31 @@ class LoadCredentialsTests(TestCase):
             creds_file.write(b"\xff\xfe binary")
 
         self.assert_error(path, "non-ASCII")
+
+
+class CredentialsFileTests(TestCase):
+    def setUp(self) -> None:
+        folder = tempfile.mkdtemp(prefix="nasd-creds-")
+        self.addCleanup(shutil.rmtree, folder, ignore_errors=True)
+        self.path = os.path.join(folder, "nasd.creds")
+        shutil.copyfile(SYS_CREDS, self.path)
+
+    def test_unchanged_file_not_reread(self) -> None:
+        source = CredentialsFile(self.path)
+        first = source.current()
+        self.assertIs(source.current(), first)
+
+    def test_replaced_file_reloaded(self) -> None:
+        source = CredentialsFile(self.path)
+        replacement = os.path.join(os.path.dirname(self.path), "new.creds")
+        shutil.copyfile(SYSUSER_CREDS, replacement)
+        os.replace(replacement, self.path)
+        self.assertEqual(source.current().jwt, load_credentials(SYSUSER_CREDS).jwt)
+        self.assertEqual(source.public_key, load_credentials(SYSUSER_CREDS).public_key)
+
+    def test_broken_replacement_keeps_old(self) -> None:
+        source = CredentialsFile(self.path)
+        original = source.current()
+        with open(self.path, "w") as file:
+            file.write("not a creds file at all\n")
+        self.assertIs(source.current(), original)

@@ -39,8 +39,9 @@ from nasd.nats import (
     parse_server,
     parse_server_url,
 )
+from tests.tokens import CREDS
 
-SYS_CREDS = "/work/shared/fixtures/nsc-demo/keys/creds/demo/SYS/sys.creds"
+SYS_CREDS = str(CREDS / "SYS" / "sys.creds")
 SHOP = "AARE3U7RTFWNNQPBUC6KITHHQ52HDNR5LINTV53ZWOA66OX5W3ANZINI"
 ACME = "AD2BNNLQPZVSWXWLOI3ZC7ISPSL6UDGX36LGWCOCXEVLM2IOO56VZ6XX"
 NONCE = "4yuJ5W3xMtoRv1k"

@@ -25,8 +25,9 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from nasd.creds import load_credentials
 from nasd.nats import ClaimUpdatePublisher
+from tests.tokens import FIXTURES as FIXTURE_ROOT
 
-FIXTURES = "/work/shared/fixtures/nsc-demo"
+FIXTURES = str(FIXTURE_ROOT)
 OPERATOR_JWT = f"{FIXTURES}/stores/demo/demo.jwt"
 SYS_ACCOUNT = "AC2PZDSITLEQ7QIFCTF4EVZ7EIQK67U4CRDJQ4UCQJWNAJFOGCTT7FTS"
 SYS_ACCOUNT_JWT = f"{FIXTURES}/stores/demo/accounts/SYS/SYS.jwt"
