@@ -48,9 +48,7 @@ _SIZE_MULTIPLIERS = _build_size_multipliers()
 _INTEGER_PATTERN = re.compile(r"-?[0-9]+")
 _SIZED_INTEGER_PATTERN = re.compile(r"(-?[0-9]+)([kmgtpe](?:i?b|i)?)", re.IGNORECASE)
 _FLOAT_PATTERN = re.compile(r"-?[0-9]+\.[0-9]+")
-_DATETIME_PATTERN = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})Z"
-)
+_DATETIME_PATTERN = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})Z")
 
 # Character sets are frozensets because `"" in "abc"` is true for strings, and peek() returns "" at the end.
 _BLANKS = frozenset(" \t")
@@ -86,9 +84,7 @@ class _VariableCycleError(ConfigSyntaxError):
     """An environment variable whose value refers back to itself, directly or through other variables."""
 
 
-def parse(
-    text: str, filename: str = "<string>", environ: Mapping[str, str] | None = None
-) -> dict[str, Any]:
+def parse(text: str, filename: str = "<string>", environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Parse configuration text into a dict of str, int, float, bool, datetime, list and dict values.
 
     `filename` appears in error messages, and include paths resolve relative to its directory
@@ -218,9 +214,7 @@ class _Scanner:
         start = self.index
         closing = self.text.find("'", start + 1)
         if closing == -1:
-            raise self.error(
-                "single-quoted string is not closed before the end of the file", start
-            )
+            raise self.error("single-quoted string is not closed before the end of the file", start)
         self.index = closing + 1
         return self.text[start + 1 : closing]
 
@@ -236,9 +230,7 @@ class _Scanner:
             if character == "\\":
                 self.index += 1
             self.index += 1
-        raise self.error(
-            "double-quoted string is not closed before the end of the file", start
-        )
+        raise self.error("double-quoted string is not closed before the end of the file", start)
 
     def read_block(self) -> str:
         """Read a block string with the cursor on its '('.
@@ -251,15 +243,10 @@ class _Scanner:
         while True:
             closing = self.text.find("\n)", search_from)
             if closing == -1:
-                raise self.error(
-                    "block string is not closed by a line that contains only ')'", start
-                )
+                raise self.error("block string is not closed by a line that contains only ')'", start)
             after_closing = closing + 2
             # NOTE: a ')' line ending in '\r\n' also closes the block, but nats-server 2.15 rejects it.
-            if (
-                after_closing == len(self.text)
-                or self.text[after_closing] in _LINE_BREAKS
-            ):
+            if after_closing == len(self.text) or self.text[after_closing] in _LINE_BREAKS:
                 self.index = after_closing
                 return self.text[start + 1 : closing + 1]
             search_from = closing + 1
@@ -310,9 +297,7 @@ class _Parser:
             scanner.skip_space_and_comments()
             if not scanner.at_end():
                 found = _describe_character(scanner.peek())
-                raise scanner.error(
-                    f"unexpected {found} after the '}}' that closes the top-level map"
-                )
+                raise scanner.error(f"unexpected {found} after the '}}' that closes the top-level map")
         else:
             self.parse_entries(document, opening_index=None)
         self.scopes.pop()
@@ -372,9 +357,7 @@ class _Parser:
             start = scanner.index
             closing = scanner.text.find('"', start + 1)
             if closing == -1:
-                raise scanner.error(
-                    "double-quoted key is not closed before the end of the file", start
-                )
+                raise scanner.error("double-quoted key is not closed before the end of the file", start)
             scanner.index = closing + 1
             return scanner.text[start + 1 : closing], True
         if character == "'":
@@ -400,13 +383,17 @@ class _Parser:
             scanner.skip_comment()
             return
         raise scanner.error(
-            f"expected a line break, ';', ',' or '}}' after the value of '{key}' but found {_describe_character(character)}"
+            f"expected a line break, ';', ',' or '}}' after the value of '{key}' "
+            f"but found {_describe_character(character)}"
         )
 
     # Values.
 
     def parse_value(self, subject: str) -> Any:
-        """Parse the value that starts at the cursor. `subject` names its place in error messages, as in "key 'port'"."""
+        """Parse the value that starts at the cursor.
+
+        `subject` names its place in error messages, as in "key 'port'".
+        """
         scanner = self.scanner
         character = scanner.peek()
         if character == "{":
@@ -422,9 +409,7 @@ class _Parser:
         if character == "(":
             return scanner.read_block()
         if character in ("", "\r", "\n", ",", ";", "]", "}"):
-            raise scanner.error(
-                f"missing value for {subject} before the {_describe_character(character)}"
-            )
+            raise scanner.error(f"missing value for {subject} before the {_describe_character(character)}")
 
         start = scanner.index
         token = scanner.read_run(_UNQUOTED_VALUE_END)
@@ -432,7 +417,8 @@ class _Parser:
             return self.convert_numeric_token(token, start)
         if character == ".":
             raise scanner.error(
-                f"invalid value '{token}': write a float with a leading digit (0.5) and quote a string that starts with '.'",
+                f"invalid value '{token}': write a float with a leading digit (0.5) "
+                "and quote a string that starts with '.'",
                 start,
             )
         return self.convert_unquoted_token(token, start)
@@ -453,17 +439,11 @@ class _Parser:
 
         date_match = _DATETIME_PATTERN.fullmatch(token)
         if date_match:
-            year, month, day, hour, minute, second = (
-                int(group) for group in date_match.groups()
-            )
+            year, month, day, hour, minute, second = (int(group) for group in date_match.groups())
             try:
-                return datetime.datetime(
-                    year, month, day, hour, minute, second, tzinfo=datetime.UTC
-                )
+                return datetime.datetime(year, month, day, hour, minute, second, tzinfo=datetime.UTC)
             except ValueError as exc:
-                raise scanner.error(
-                    f"invalid datetime '{token}': {exc}", start
-                ) from None
+                raise scanner.error(f"invalid datetime '{token}': {exc}", start) from None
 
         if token.startswith("-"):
             raise scanner.error(
@@ -475,9 +455,7 @@ class _Parser:
 
     def check_int64(self, number: int, token: str, start: int) -> int:
         if not _INT64_MIN <= number <= _INT64_MAX:
-            raise self.scanner.error(
-                f"integer '{token}' is outside the 64-bit signed integer range", start
-            )
+            raise self.scanner.error(f"integer '{token}' is outside the 64-bit signed integer range", start)
         return number
 
     def convert_unquoted_token(self, token: str, start: int) -> Any:
@@ -512,9 +490,7 @@ class _Parser:
                 position += 2
             elif escape == "x":
                 digits = raw[position + 2 : position + 4]
-                if len(digits) != 2 or any(
-                    digit not in "0123456789abcdefABCDEF" for digit in digits
-                ):
+                if len(digits) != 2 or any(digit not in "0123456789abcdefABCDEF" for digit in digits):
                     raise scanner.error(
                         f"escape '\\x' must be followed by two hexadecimal digits, not '{digits}'",
                         start + position,
@@ -531,9 +507,7 @@ class _Parser:
             return decoded.decode("utf-8")
         except UnicodeDecodeError:
             # NOTE: nats-server accepts any bytes here, but a Python str cannot hold invalid UTF-8.
-            raise scanner.error(
-                f"the \\xHH escapes in {kind} do not form valid UTF-8", start
-            ) from None
+            raise scanner.error(f"the \\xHH escapes in {kind} do not form valid UTF-8", start) from None
 
     def parse_map(self) -> dict[str, Any]:
         """Parse a braced map with the cursor on its '{'. Its keys are visible as variables inside it."""
@@ -549,7 +523,10 @@ class _Parser:
         return result
 
     def parse_array(self) -> list[Any]:
-        """Parse an array with the cursor on its '['. Items are separated by ',' or line breaks, and a trailing ',' is allowed."""
+        """Parse an array with the cursor on its '['.
+
+        Items are separated by ',' or line breaks, and a trailing ',' is allowed.
+        """
         scanner = self.scanner
         opening = scanner.index
         self.enter_nesting()
@@ -559,17 +536,13 @@ class _Parser:
             scanner.skip_space_and_comments()
             character = scanner.peek()
             if character == "":
-                raise scanner.error(
-                    "array is not closed with ']' before the end of the file", opening
-                )
+                raise scanner.error("array is not closed with ']' before the end of the file", opening)
             if character == "]":
                 scanner.index += 1
                 self.nesting_depth -= 1
                 return items
             if character == ",":
-                raise scanner.error(
-                    "unexpected ',' in an array where a value or ']' belongs"
-                )
+                raise scanner.error("unexpected ',' in an array where a value or ']' belongs")
             items.append(self.parse_value("an array item"))
 
             scanner.skip_blanks()
@@ -579,21 +552,15 @@ class _Parser:
             elif scanner.at_comment():
                 scanner.skip_comment()
             elif character == "":
-                raise scanner.error(
-                    "array is not closed with ']' before the end of the file", opening
-                )
+                raise scanner.error("array is not closed with ']' before the end of the file", opening)
             elif character != "]":
                 found = _describe_character(character)
-                raise scanner.error(
-                    f"expected ',', a line break or ']' after an array item but found {found}"
-                )
+                raise scanner.error(f"expected ',', a line break or ']' after an array item but found {found}")
 
     def enter_nesting(self) -> None:
         """Count a map or array that opens at the cursor, raising ConfigSyntaxError past the nesting limit."""
         if self.nesting_depth >= _MAX_NESTING_DEPTH:
-            raise self.scanner.error(
-                f"maps and arrays are nested more than {_MAX_NESTING_DEPTH} levels deep"
-            )
+            raise self.scanner.error(f"maps and arrays are nested more than {_MAX_NESTING_DEPTH} levels deep")
         self.nesting_depth += 1
 
     # Variables.
@@ -645,15 +612,9 @@ class _Parser:
                 raise scanner.error(f"unexpected {found} after the value")
         except _VariableCycleError as exc:
             line, column = self.scanner.locate(index)
-            raise _VariableCycleError(
-                exc.message, self.filename, line, column
-            ) from None
+            raise _VariableCycleError(exc.message, self.filename, line, column) from None
         except ConfigSyntaxError as exc:
-            where = (
-                f"column {exc.column}"
-                if exc.line == 1
-                else f"line {exc.line}, column {exc.column}"
-            )
+            where = f"column {exc.column}" if exc.line == 1 else f"line {exc.line}, column {exc.column}"
             message = f"environment variable {name} cannot be parsed as a config value at {where}: {exc.message}"
             raise self.scanner.error(message, index) from None
         return value
@@ -668,9 +629,7 @@ class _Parser:
         if character == '"':
             closing = scanner.text.find('"', scanner.index + 1)
             if closing == -1:
-                raise scanner.error(
-                    "double-quoted include path is not closed before the end of the file"
-                )
+                raise scanner.error("double-quoted include path is not closed before the end of the file")
             path = scanner.text[scanner.index + 1 : closing]
             scanner.index = closing + 1
         elif character == "'":
@@ -678,9 +637,7 @@ class _Parser:
         elif character == "" or character in _LINE_BREAKS:
             raise scanner.error("include directive has no file path", keyword_index)
         elif character in _INVALID_INCLUDE_START:
-            raise scanner.error(
-                f"include path cannot start with '{character}' unless it is quoted"
-            )
+            raise scanner.error(f"include path cannot start with '{character}' unless it is quoted")
         else:
             path = scanner.read_run(_UNQUOTED_VALUE_END)
 
@@ -690,17 +647,13 @@ class _Parser:
         for key, value in included.items():
             target[key] = value
 
-    def read_include(
-        self, path: str, resolved: str, keyword_index: int
-    ) -> dict[str, Any]:
+    def read_include(self, path: str, resolved: str, keyword_index: int) -> dict[str, Any]:
         """Read and parse the include file at `resolved`, rejecting loops and excessive nesting."""
         scanner = self.scanner
         real_path = os.path.realpath(resolved)
         if real_path in self.include_chain:
             chain = " -> ".join(self.include_chain + (real_path,))
-            raise scanner.error(
-                f"include file '{path}' includes itself through {chain}", keyword_index
-            )
+            raise scanner.error(f"include file '{path}' includes itself through {chain}", keyword_index)
         if self.include_depth >= MAX_INCLUDE_DEPTH:
             raise scanner.error(
                 f"include file '{path}' is nested more than {MAX_INCLUDE_DEPTH} includes deep",

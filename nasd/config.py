@@ -145,7 +145,7 @@ def with_overrides(config: Config, **changes: Any) -> Config:
 def parse_duration(value: object, key: str) -> float:
     """Convert milliseconds (an integer) or a duration string such as "5s" into seconds."""
     if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected milliseconds or a duration such as \"5s\", got {value!r}")
+        raise ConfigError(f'{key}: expected milliseconds or a duration such as "5s", got {value!r}')
     if isinstance(value, (int, float)):
         if value < 0:
             raise ConfigError(f"{key}: a duration cannot be negative, got {value!r}")
@@ -155,7 +155,7 @@ def parse_duration(value: object, key: str) -> float:
         if match:
             number, unit = float(match.group(1)), match.group(2)
             return number * {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
-    raise ConfigError(f"{key}: expected milliseconds or a duration such as \"5s\" or \"500ms\", got {value!r}")
+    raise ConfigError(f'{key}: expected milliseconds or a duration such as "5s" or "500ms", got {value!r}')
 
 
 class _Reader:

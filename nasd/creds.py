@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-import nkeys  # type: ignore[import-untyped]
+import nkeys
 from twisted.logger import Logger
 
 from nasd.logs import observer
@@ -91,8 +91,7 @@ def load_credentials(path: str) -> Credentials:
     public_key = nkeys.from_seed(seed).public_key.decode("ascii")
     if public_key != subject:
         raise CredsError(
-            f"creds file {path}: the seed belongs to user {public_key}, "
-            f"but the JWT was issued to {subject}"
+            f"creds file {path}: the seed belongs to user {public_key}, but the JWT was issued to {subject}"
         )
     return Credentials(path=path, jwt=jwt, seed=seed, public_key=public_key)
 
@@ -104,16 +103,12 @@ def _read_text(path: str) -> str:
     except FileNotFoundError:
         raise CredsError(f"creds file {path}: file not found") from None
     except OSError as error:
-        raise CredsError(
-            f"creds file {path}: cannot be read: {error.strerror}"
-        ) from None
+        raise CredsError(f"creds file {path}: cannot be read: {error.strerror}") from None
 
     try:
         return data.decode("ascii")
     except UnicodeDecodeError:
-        raise CredsError(
-            f"creds file {path}: contains non-ASCII bytes, so it is not a creds file"
-        ) from None
+        raise CredsError(f"creds file {path}: contains non-ASCII bytes, so it is not a creds file") from None
 
 
 def _framed_blocks(text: str) -> dict[str, str]:
@@ -157,32 +152,23 @@ def _user_jwt_subject(path: str, jwt: str) -> str:
     parts = jwt.split(".")
     if len(parts) != 3 or any(char.isspace() for char in jwt):
         raise CredsError(
-            f'creds file {path}: the "{_JWT_LABEL}" block is not a JWT '
-            "(expected one line of three dot-separated parts)"
+            f'creds file {path}: the "{_JWT_LABEL}" block is not a JWT (expected one line of three dot-separated parts)'
         )
 
     try:
         padded = parts[1] + "=" * (-len(parts[1]) % 4)
         claims = json.loads(base64.urlsafe_b64decode(padded))
     except (binascii.Error, ValueError):
-        raise CredsError(
-            f"creds file {path}: the user JWT's claims are not base64url-encoded JSON"
-        ) from None
+        raise CredsError(f"creds file {path}: the user JWT's claims are not base64url-encoded JSON") from None
     if not isinstance(claims, dict):
-        raise CredsError(
-            f"creds file {path}: the user JWT's claims are not a JSON object"
-        )
+        raise CredsError(f"creds file {path}: the user JWT's claims are not a JSON object")
 
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject.startswith("U"):
-        raise CredsError(
-            f"creds file {path}: the JWT subject {subject!r} is not a user public key"
-        )
+        raise CredsError(f"creds file {path}: the JWT subject {subject!r} is not a user public key")
     nats_claims = claims.get("nats")
     if isinstance(nats_claims, dict) and nats_claims.get("type", "user") != "user":
-        raise CredsError(
-            f"creds file {path}: the JWT is a {nats_claims['type']} JWT, not a user JWT"
-        )
+        raise CredsError(f"creds file {path}: the JWT is a {nats_claims['type']} JWT, not a user JWT")
     return subject
 
 
@@ -194,32 +180,24 @@ def _check_user_seed(path: str, seed: bytes) -> None:
     try:
         raw = base64.b32decode(seed + b"=" * (-len(seed) % 8))
     except binascii.Error:
-        raise CredsError(
-            f"creds file {path}: the nkey seed is not valid base32"
-        ) from None
+        raise CredsError(f"creds file {path}: the nkey seed is not valid base32") from None
     if len(raw) != _SEED_BYTES:
         raise CredsError(
-            f"creds file {path}: the nkey seed has the wrong length "
-            f"({len(raw)} bytes decoded, expected {_SEED_BYTES})"
+            f"creds file {path}: the nkey seed has the wrong length ({len(raw)} bytes decoded, expected {_SEED_BYTES})"
         )
 
     checksum = int.from_bytes(raw[-2:], "little")
     if binascii.crc_hqx(raw[:-2], 0) != checksum:
         raise CredsError(
-            f"creds file {path}: the nkey seed has an invalid CRC16 checksum "
-            "(the seed is damaged or mistyped)"
+            f"creds file {path}: the nkey seed has an invalid CRC16 checksum (the seed is damaged or mistyped)"
         )
 
     if raw[0] & 0xF8 != nkeys.PREFIX_BYTE_SEED:
-        raise CredsError(
-            f"creds file {path}: the nkey seed block does not contain a seed"
-        )
+        raise CredsError(f"creds file {path}: the nkey seed block does not contain a seed")
     key_type = ((raw[0] & 0x07) << 5) | ((raw[1] & 0xF8) >> 3)
     if key_type != nkeys.PREFIX_BYTE_USER:
         kind = _KEY_KINDS.get(key_type, "unknown")
-        raise CredsError(
-            f"creds file {path}: the nkey seed is for a key of type {kind}, not a user"
-        )
+        raise CredsError(f"creds file {path}: the nkey seed is for a key of type {kind}, not a user")
 
 
 class CredentialsFile:
@@ -250,7 +228,9 @@ class CredentialsFile:
             log.error("{error}; keeping the credentials loaded before", error=str(error))
             return self._credentials
         if credentials.public_key != self._credentials.public_key:
-            log.info("creds file {path} changed: now connecting as user {user}", path=self.path, user=credentials.public_key)
+            log.info(
+                "creds file {path} changed: now connecting as user {user}", path=self.path, user=credentials.public_key
+            )
         self._credentials = credentials
         return credentials
 

@@ -9,8 +9,8 @@ from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.server import Request
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from nasd import __version__
@@ -36,10 +36,17 @@ NO_STORE = (
 class ClaimPublisher(Protocol):
     """The NATS side as the API sees it: a queue for updates and the connection state."""
 
-    connected: bool
-    server_url: str | None
-    pending_count: int
-    last_published: float | None
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def server_url(self) -> str | None: ...
+
+    @property
+    def pending_count(self) -> int: ...
+
+    @property
+    def last_published(self) -> float | None: ...
 
     def publish_account_update(self, account: str, jwt: bytes) -> None: ...
 
@@ -156,13 +163,17 @@ class AccountServerAPI:
         if self.operator.trusts(token.issuer):
             return
         if token.issuer == token.subject:
-            raise JWTError("the JWT is self-signed by the account; sign it with the operator key or an operator signing key")
+            raise JWTError(
+                "the JWT is self-signed by the account; sign it with the operator key or an operator signing key"
+            )
         if token.issuer == self.operator.key:
             raise JWTError(
-                f"operator {self.operator.name} requires strict signing key usage; sign the account with one of its signing keys"
+                f"operator {self.operator.name} requires strict signing key usage; "
+                "sign the account with one of its signing keys"
             )
         raise JWTError(
-            f"untrusted issuer {token.issuer}: it is neither operator {self.operator.name} ({self.operator.key}) nor one of its signing keys"
+            f"untrusted issuer {token.issuer}: it is neither operator {self.operator.name} "
+            f"({self.operator.key}) nor one of its signing keys"
         )
 
     @app.route("/jwt/v1/operator", methods=["GET"])
@@ -228,7 +239,11 @@ class AccountServerAPI:
 
     def _notify(self, entry: StoredJWT, reason: str) -> None:
         if self.publisher is None:
-            log.debug("not publishing the JWT for account - {account} - after {reason}: NATS is not configured", account=short_key(entry.key), reason=reason)
+            log.debug(
+                "not publishing the JWT for account - {account} - after {reason}: NATS is not configured",
+                account=short_key(entry.key),
+                reason=reason,
+            )
             return
         self.publisher.publish_account_update(entry.key, entry.raw)
 
@@ -237,7 +252,11 @@ class AccountServerAPI:
             try:
                 return _text(request, 200, render_decoded(decode(entry.raw)))
             except JWTError as error:
-                log.error("stored JWT for account - {account} - cannot be decoded: {error}", account=short_key(entry.key), error=error)
+                log.error(
+                    "stored JWT for account - {account} - cannot be decoded: {error}",
+                    account=short_key(entry.key),
+                    error=error,
+                )
                 return _text(request, 500, f"the stored JWT cannot be decoded: {error}")
         if _flag(request, b"text"):
             return _body(request, 200, entry.raw, b"text/plain; charset=utf-8")

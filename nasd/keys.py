@@ -28,7 +28,6 @@ class KeyKind(enum.Enum):
     CLUSTER = 2 << 3
 
 
-
 class InvalidKeyError(ValueError):
     """A string that is not a well-formed public nkey of the expected kind."""
 
@@ -57,9 +56,7 @@ def decode_public_key(key: str, kind: KeyKind | None = None) -> tuple[KeyKind, b
     except ValueError:
         raise InvalidKeyError(f"invalid public key {_shown(key)}: unknown prefix byte") from None
     if kind is not None and found is not kind:
-        raise InvalidKeyError(
-            f"invalid {kind.name.lower()} key {_shown(key)}: it is a {found.name.lower()} key"
-        )
+        raise InvalidKeyError(f"invalid {kind.name.lower()} key {_shown(key)}: it is a {found.name.lower()} key")
     return found, body[1:]
 
 

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
-from twisted.internet.interfaces import IAddress, IConnector, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IAddress, IConnector, IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import (
     Protocol,
     ReconnectingClientFactory,
@@ -67,9 +67,7 @@ class ClientReactor(TypingProtocol):
         bindAddress: Any = ...,
     ) -> IConnector: ...
 
-    def callLater(
-        self, delay: float, callable: Callable[..., Any], *args: object, **kw: object
-    ) -> IDelayedCall: ...
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: object, **kw: object) -> IDelayedCall: ...
 
     def seconds(self) -> float: ...
 
@@ -130,10 +128,7 @@ def parse_server(url: str) -> ServerAddress:
 
     scheme = parts.scheme.lower()
     if scheme not in ("nats", "tls"):
-        raise ValueError(
-            f"invalid NATS server URL {url!r}: unsupported scheme {scheme}://, "
-            "use nats:// or tls://"
-        )
+        raise ValueError(f"invalid NATS server URL {url!r}: unsupported scheme {scheme}://, use nats:// or tls://")
     if parts.username is not None or parts.password is not None:
         # The URL is not repeated because it may contain a password.
         raise ValueError(
@@ -141,9 +136,7 @@ def parse_server(url: str) -> ServerAddress:
             "in the URL are not supported, use a creds file"
         )
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(
-            f"invalid NATS server URL {url!r}: a path, query or fragment is not allowed"
-        )
+        raise ValueError(f"invalid NATS server URL {url!r}: a path, query or fragment is not allowed")
     if not parts.hostname:
         raise ValueError(f"invalid NATS server URL {url!r}: the host is missing")
     if port == 0:
@@ -251,10 +244,7 @@ class NATSClientProtocol(Protocol):
     @property
     def server_name(self) -> str:
         """The server's name from INFO, or its server_id when it has no name."""
-        return str(
-            self.server_info.get("server_name")
-            or self.server_info.get("server_id", "?")
-        )
+        return str(self.server_info.get("server_name") or self.server_info.get("server_id", "?"))
 
     @property
     def server_version(self) -> str:
@@ -264,9 +254,7 @@ class NATSClientProtocol(Protocol):
     # Connection events
 
     def connectionMade(self) -> None:
-        self._handshake_timer = self.clock.callLater(
-            self.options.connect_timeout, self._handshake_timed_out
-        )
+        self._handshake_timer = self.clock.callLater(self.options.connect_timeout, self._handshake_timed_out)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
@@ -356,7 +344,7 @@ class NATSClientProtocol(Protocol):
         """Close the connection at once, dropping unsent data."""
         self._closing = True
         if self.transport is not None and not self._lost:
-            self.transport.abortConnection()
+            cast(ITCPTransport, self.transport).abortConnection()
 
     # Parsing
 
@@ -376,17 +364,13 @@ class NATSClientProtocol(Protocol):
         end = self._buffer.find(b"\n", 0, MAX_CONTROL_LINE + 2)
         if end < 0:
             if len(self._buffer) > MAX_CONTROL_LINE + 1:
-                raise _ProtocolViolation(
-                    f"control line longer than the maximum of {MAX_CONTROL_LINE} bytes"
-                )
+                raise _ProtocolViolation(f"control line longer than the maximum of {MAX_CONTROL_LINE} bytes")
             return None
 
         line = bytes(self._buffer[:end]).rstrip(b"\r")
         del self._buffer[: end + 1]
         if len(line) > MAX_CONTROL_LINE:
-            raise _ProtocolViolation(
-                f"control line longer than the maximum of {MAX_CONTROL_LINE} bytes"
-            )
+            raise _ProtocolViolation(f"control line longer than the maximum of {MAX_CONTROL_LINE} bytes")
         return line
 
     def _take_payload(self) -> bool:
@@ -396,9 +380,7 @@ class NATSClientProtocol(Protocol):
         if len(self._buffer) < size + 2:
             return False
         if self._buffer[size : size + 2] != b"\r\n":
-            raise _ProtocolViolation(
-                f"MSG payload of {size} bytes is not followed by CRLF"
-            )
+            raise _ProtocolViolation(f"MSG payload of {size} bytes is not followed by CRLF")
 
         payload = bytes(self._buffer[:size])
         del self._buffer[: size + 2]
@@ -410,9 +392,7 @@ class NATSClientProtocol(Protocol):
         return True
 
     def _handle_line(self, line: bytes) -> None:
-        self._trace(
-            "received from {server}: {line}", line=line.decode("utf-8", "replace")
-        )
+        self._trace("received from {server}: {line}", line=line.decode("utf-8", "replace"))
         match = _CONTROL_LINE.fullmatch(line)
         if match is None:
             return  # an empty line
@@ -460,9 +440,7 @@ class NATSClientProtocol(Protocol):
 
         size = int(fields[-1])
         if size > self.max_payload:
-            raise _ProtocolViolation(
-                f"MSG payload of {size} bytes exceeds max_payload of {self.max_payload} bytes"
-            )
+            raise _ProtocolViolation(f"MSG payload of {size} bytes exceeds max_payload of {self.max_payload} bytes")
         names = [name.decode("utf-8", "replace") for name in fields[:-1]]
         reply = names[2] if len(names) == 3 else None
         self._message_header = (names[0], names[1], reply, size)
@@ -541,13 +519,8 @@ class NATSClientProtocol(Protocol):
 
         connect = self._connect_fields(info.get("nonce"))
         line = "CONNECT " + json.dumps(connect, separators=(",", ":"), sort_keys=True)
-        redacted = {
-            key: "<redacted>" if key in ("jwt", "sig") else value
-            for key, value in connect.items()
-        }
-        traced = "CONNECT " + json.dumps(
-            redacted, separators=(",", ":"), sort_keys=True
-        )
+        redacted = {key: "<redacted>" if key in ("jwt", "sig") else value for key, value in connect.items()}
+        traced = "CONNECT " + json.dumps(redacted, separators=(",", ":"), sort_keys=True)
         self._send(line.encode(), traced_line=traced)
 
         handshake = self._send_ping()
@@ -588,17 +561,14 @@ class NATSClientProtocol(Protocol):
             self._handshake_timer.cancel()
         self._handshake_timer = None
         self.established = True
-        self._ping_timer = self.clock.callLater(
-            self.options.ping_interval, self._send_keepalive
-        )
+        self._ping_timer = self.clock.callLater(self.options.ping_interval, self._send_keepalive)
         if self._on_ready is not None:
             self._on_ready(self)
 
     def _handshake_timed_out(self) -> None:
         self._handshake_timer = None
         self.log.error(
-            "NATS server {server} did not complete the handshake within {timeout} s; "
-            "closing the connection",
+            "NATS server {server} did not complete the handshake within {timeout} s; closing the connection",
             server=self.server_url,
             timeout=self.options.connect_timeout,
         )
@@ -607,13 +577,9 @@ class NATSClientProtocol(Protocol):
     def _send_keepalive(self) -> None:
         self._ping_timer = None
         interval = self.options.ping_interval
-        if (
-            self._pong_waiters
-            and self.clock.seconds() - self._pong_waiters[0].sent_at >= interval
-        ):
+        if self._pong_waiters and self.clock.seconds() - self._pong_waiters[0].sent_at >= interval:
             self.log.error(
-                "NATS server {server} did not respond to a PING within {interval} s; "
-                "closing the stale connection",
+                "NATS server {server} did not respond to a PING within {interval} s; closing the stale connection",
                 server=self.server_url,
                 interval=interval,
             )
@@ -632,9 +598,7 @@ class NATSClientProtocol(Protocol):
         self._send(b"PING")
         return waiter.deferred
 
-    def _send(
-        self, line: bytes, payload: bytes | None = None, traced_line: str | None = None
-    ) -> None:
+    def _send(self, line: bytes, payload: bytes | None = None, traced_line: str | None = None) -> None:
         if self.options.trace:
             if traced_line is None:
                 traced_line = line.decode("utf-8", "replace")
@@ -651,9 +615,7 @@ class NATSClientProtocol(Protocol):
 
     def _require_established(self) -> None:
         if not self.established or self._closing:
-            raise NATSNotConnectedError(
-                f"not connected to NATS server {self.server_url}"
-            )
+            raise NATSNotConnectedError(f"not connected to NATS server {self.server_url}")
 
     def _close(self) -> None:
         self._closing = True
@@ -670,9 +632,7 @@ class NATSClientProtocol(Protocol):
 
 def _check_subject(subject: str, kind: str) -> None:
     if not subject or _WHITESPACE.search(subject):
-        raise ValueError(
-            f"invalid NATS {kind} {subject!r}: it must be non-empty without whitespace"
-        )
+        raise ValueError(f"invalid NATS {kind} {subject!r}: it must be non-empty without whitespace")
 
 
 def _ignore_nats_error(failure: Failure) -> None:
@@ -711,9 +671,7 @@ class NATSClientFactory(ReconnectingClientFactory):
         if not servers:
             raise ValueError("no NATS servers are configured")
         if reconnect_wait <= 0:
-            raise ValueError(
-                f"reconnect_wait must be more than 0 seconds, not {reconnect_wait}"
-            )
+            raise ValueError(f"reconnect_wait must be more than 0 seconds, not {reconnect_wait}")
         self.reactor = reactor
         # Twisted declares clock, maxDelay and maxRetries as None or int class attributes.
         self.clock = reactor  # type: ignore[assignment]
@@ -827,7 +785,7 @@ class NATSClientFactory(ReconnectingClientFactory):
             delay=delay,
             failures=self.retries,
         )
-        self._callID = self.reactor.callLater(delay, self._connect)
+        self._callID = self.reactor.callLater(delay, self._connect)  # type: ignore[assignment]
 
     def _next_delay(self) -> float:
         delay = self.delay
@@ -854,9 +812,7 @@ class NATSClientFactory(ReconnectingClientFactory):
         if self._on_lost is not None:
             self._on_lost(protocol, reason)
 
-    def _abort_after_timeout(
-        self, failure: Failure, protocol: NATSClientProtocol
-    ) -> None:
+    def _abort_after_timeout(self, failure: Failure, protocol: NATSClientProtocol) -> None:
         failure.trap(TimeoutError, CancelledError)
         self.log.warn(
             "NATS server {server} did not close the connection in time; aborting it",
@@ -967,9 +923,7 @@ class ClaimUpdatePublisher(Service):
             return
         self._send_update(protocol, account, jwt)
 
-    def _send_update(
-        self, protocol: NATSClientProtocol, account: str, jwt: bytes
-    ) -> None:
+    def _send_update(self, protocol: NATSClientProtocol, account: str, jwt: bytes) -> None:
         subject = CLAIMS_UPDATE_SUBJECT.format(account=account)
         try:
             protocol.publish(subject, jwt)
@@ -1001,9 +955,7 @@ class ClaimUpdatePublisher(Service):
             server=server,
         )
 
-    def _update_not_confirmed(
-        self, failure: Failure, account: str, server: str
-    ) -> None:
+    def _update_not_confirmed(self, failure: Failure, account: str, server: str) -> None:
         if failure.check(NATSServerError):
             self.log.error(
                 "NATS server {server} rejected the claim update for account {account}: "
@@ -1066,8 +1018,7 @@ class ClaimUpdatePublisher(Service):
 
     def _log_flush_failure(self, failure: Failure, server: str) -> None:
         self.log.warn(
-            "NATS server {server} did not confirm the claim updates in flight before "
-            "shutdown: {error}",
+            "NATS server {server} did not confirm the claim updates in flight before shutdown: {error}",
             server=server,
             error=failure.getErrorMessage() or failure.type.__name__,
         )

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.web.server import Site
@@ -55,7 +56,9 @@ class QuietSite(Site):
 class NasService(MultiService):
     """The running server: listens in ``privilegedStartService`` so the real port is known early."""
 
-    def __init__(self, reactor: Any, config: Config, api: AccountServerAPI, publisher: ClaimUpdatePublisher | None) -> None:
+    def __init__(
+        self, reactor: Any, config: Config, api: AccountServerAPI, publisher: ClaimUpdatePublisher | None
+    ) -> None:
         super().__init__()
         self.reactor = reactor
         self.config = config
@@ -77,11 +80,13 @@ class NasService(MultiService):
         except Exception as error:
             raise SystemExit(f"nasd: cannot listen on {format_address(http.host, http.port)}: {error}") from None
         super().privilegedStartService()
-        address = self.port.getHost()
+        address = cast(IPv4Address | IPv6Address, self.port.getHost())
         log.info("listening for HTTP on {address}", address=format_address(address.host, address.port))
         advertised = http.host if http.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
         log.info("configure the nats-server with:")
-        log.info("  resolver: URL(http://{hostport}/jwt/v1/accounts/)", hostport=format_address(advertised, address.port))
+        log.info(
+            "  resolver: URL(http://{hostport}/jwt/v1/accounts/)", hostport=format_address(advertised, address.port)
+        )
         if advertised != http.host:
             log.info("(nasd listens on every interface; use an address of this host that the nats-servers can reach)")
 
@@ -91,7 +96,7 @@ class NasService(MultiService):
     async def _stop(self) -> None:
         log.info("stopping: no new connections, finishing {count} upload(s) in progress", count=len(self.api.in_flight))
         if self.port is not None:
-            await self.port.stopListening()
+            await maybeDeferred(self.port.stopListening)
         if self.api.in_flight:
             await DeferredList(list(self.api.in_flight), consumeErrors=True)
         await super().stopService()
@@ -171,7 +176,9 @@ def load_system_account(config: Config, operator: Operator | None) -> Token | No
         except JWTError as error:
             raise StartupError(f"the system account JWT {path} is invalid: {error}") from None
         if operator is not None and not operator.trusts(token.issuer):
-            raise StartupError(f"the system account JWT {path} is not signed by operator {operator.name} or its signing keys")
+            raise StartupError(
+                f"the system account JWT {path} is not signed by operator {operator.name} or its signing keys"
+            )
         expected[f"the subject of {path}"] = token.subject
 
     if len(set(expected.values())) > 1:
@@ -179,7 +186,11 @@ def load_system_account(config: Config, operator: Operator | None) -> Token | No
         raise StartupError(f"the system account is configured inconsistently: {listing}")
     if expected:
         key = next(iter(expected.values()))
-        log.info("system account {key}{source}", key=key, source=f" (JWT from {config.system_account_jwt_path})" if token else "")
+        log.info(
+            "system account {key}{source}",
+            key=key,
+            source=f" (JWT from {config.system_account_jwt_path})" if token else "",
+        )
     else:
         log.info("no system account is configured")
     return token
@@ -198,7 +209,10 @@ def open_store(reactor: Any, config: Config) -> AccountStore:
     mode = ", read-only" if config.store.readonly else ""
     log.info(
         "store: {layout} directory {path}{mode}, {count} account JWT(s)",
-        layout=layout, path=store.location, mode=mode, count=len(store),
+        layout=layout,
+        path=store.location,
+        mode=mode,
+        count=len(store),
     )
     return store
 
@@ -211,7 +225,8 @@ def requeue_pending(journal: PendingJournal, store: AccountStore, publisher: Cla
     if publisher is None:
         log.warn(
             "{count} claim update(s) recorded in {path} were never published, and NATS is not configured",
-            count=len(keys), path=journal.path,
+            count=len(keys),
+            path=journal.path,
         )
         return
     queued = 0
@@ -240,10 +255,13 @@ def build_publisher(reactor: Any, config: Config, journal: PendingJournal | None
         except CredsError as error:
             raise StartupError(str(error)) from None
     else:
-        log.warn("NATS: no usercredentials configured; nats-server only accepts claim updates from a system account user")
+        log.warn(
+            "NATS: no usercredentials configured; nats-server only accepts claim updates from a system account user"
+        )
     log.info(
         "NATS: servers {servers}, creds {creds}",
-        servers=", ".join(nats.servers), creds=nats.user_credentials or "(none)",
+        servers=", ".join(nats.servers),
+        creds=nats.user_credentials or "(none)",
     )
     return ClaimUpdatePublisher(
         reactor,
@@ -270,5 +288,3 @@ def _reason(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return str(error)
-
-

@@ -200,7 +200,10 @@ class DirectoryStore(MemoryStore):
                 if name.endswith(".jwt") and not name.startswith("."):
                     key = name[: -len(".jwt")]
                     if not is_account_key(key) or (self.shard and os.path.basename(folder) != key[-2:]):
-                        log.warn("ignoring {path}: the name is not <account key>.jwt in the expected folder", path=os.path.join(folder, name))
+                        log.warn(
+                            "ignoring {path}: the name is not <account key>.jwt in the expected folder",
+                            path=os.path.join(folder, name),
+                        )
                         continue
                     yield os.path.join(folder, name)
 
@@ -224,7 +227,9 @@ class DirectoryStore(MemoryStore):
 def write_durably(path: str, data: bytes) -> None:
     """Replace *path* with *data* atomically, syncing the file and its folder."""
     folder = os.path.dirname(path)
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{binascii.hexlify(os.urandom(4)).decode()}.tmp")
+    temporary = os.path.join(
+        folder, f".{os.path.basename(path)}.{os.getpid()}.{binascii.hexlify(os.urandom(4)).decode()}.tmp"
+    )
     try:
         os.makedirs(folder, mode=FOLDER_MODE, exist_ok=True)
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
@@ -264,7 +269,12 @@ def _read_entry(path: str) -> StoredJWT | None:
         log.warn("ignoring {path}: {error}", path=path, error=error)
         return None
     if claims.get("sub") != key:
-        log.warn("ignoring {path}: its JWT is for subject {subject!r}, not {key}", path=path, subject=str(claims.get("sub"))[:60], key=key)
+        log.warn(
+            "ignoring {path}: its JWT is for subject {subject!r}, not {key}",
+            path=path,
+            subject=str(claims.get("sub"))[:60],
+            key=key,
+        )
         return None
     return StoredJWT(key, raw, str(claims.get("jti", "")), _number(claims.get("iat")), _number(claims.get("exp")))
 

@@ -63,7 +63,9 @@ def build_config(options: Options | dict[str, Any]) -> Config:
     config = configuration.load(options["config"]) if options["config"] else Config()
     here = os.getcwd()
     if options["dir"] is not None:
-        config = configuration.with_overrides(config, store={"dir": os.path.abspath(os.path.expanduser(options["dir"]))})
+        config = configuration.with_overrides(
+            config, store={"dir": os.path.abspath(os.path.expanduser(options["dir"]))}
+        )
     if options["operator"] is not None:
         value = options["operator"]
         if not value.startswith("eyJ"):

@@ -79,7 +79,12 @@ class Process:
     def start(self) -> None:
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            self.arguments, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL
+            self.arguments,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.cwd,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
         )
 
     def run_to_exit(self, timeout: float = 30.0) -> int:

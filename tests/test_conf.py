@@ -21,9 +21,7 @@ def parse_text(text: str, environ: dict[str, str] | None = None) -> dict:
     return parse(text, environ=NO_ENVIRONMENT if environ is None else environ)
 
 
-def parse_error(
-    text: str, environ: dict[str, str] | None = None, filename: str = "<string>"
-) -> ConfigSyntaxError:
+def parse_error(text: str, environ: dict[str, str] | None = None, filename: str = "<string>") -> ConfigSyntaxError:
     """Return the ConfigSyntaxError that parsing `text` raises."""
     with pytest.raises(ConfigSyntaxError) as caught:
         parse(text, filename, environ=NO_ENVIRONMENT if environ is None else environ)
@@ -47,10 +45,7 @@ def test_error_attributes() -> None:
     assert error.filename == "x.conf"
     assert error.line == 2
     assert error.column == 6
-    assert (
-        error.message
-        == "variable reference $NOPE is not defined (no earlier key and no environment variable)"
-    )
+    assert error.message == "variable reference $NOPE is not defined (no earlier key and no environment variable)"
 
 
 def test_error_is_value_error() -> None:
@@ -85,15 +80,11 @@ def test_map_without_separator() -> None:
 
 
 def test_map_with_separator() -> None:
-    assert parse_text("authorization: { token = x }") == {
-        "authorization": {"token": "x"}
-    }
+    assert parse_text("authorization: { token = x }") == {"authorization": {"token": "x"}}
 
 
 def test_map_brace_on_next_line() -> None:
-    assert parse_text("authorization\n{\n  token: x\n}\n") == {
-        "authorization": {"token": "x"}
-    }
+    assert parse_text("authorization\n{\n  token: x\n}\n") == {"authorization": {"token": "x"}}
 
 
 def test_map_brace_glued_to_key() -> None:
@@ -413,9 +404,7 @@ def test_double_quoted_invalid_escape() -> None:
     error = parse_error('a: 1\nb: "xy\\q"\n')
     assert error.line == 2
     assert error.column == 7
-    assert error.message.startswith(
-        "invalid escape character 'q' in a double-quoted string"
-    )
+    assert error.message.startswith("invalid escape character 'q' in a double-quoted string")
 
 
 def test_double_quoted_bad_hex_digits() -> None:
@@ -433,9 +422,7 @@ def test_double_quoted_unclosed() -> None:
     error = parse_error('a: 1\nb: "abc\n')
     assert error.line == 2
     assert error.column == 4
-    assert (
-        error.message == "double-quoted string is not closed before the end of the file"
-    )
+    assert error.message == "double-quoted string is not closed before the end of the file"
 
 
 # Single-quoted strings.
@@ -461,9 +448,7 @@ def test_single_quoted_unclosed() -> None:
 
 def test_unquoted_url_value() -> None:
     text = "resolver: URL(http://127.0.0.1:9090/jwt/v1/accounts/)"
-    assert parse_text(text) == {
-        "resolver": "URL(http://127.0.0.1:9090/jwt/v1/accounts/)"
-    }
+    assert parse_text(text) == {"resolver": "URL(http://127.0.0.1:9090/jwt/v1/accounts/)"}
 
 
 def test_unquoted_host_port() -> None:
@@ -481,9 +466,7 @@ def test_unquoted_escape() -> None:
 def test_unquoted_invalid_escape() -> None:
     error = parse_error("a: x\\qy")
     assert error.column == 5
-    assert error.message.startswith(
-        "invalid escape character 'q' in an unquoted string"
-    )
+    assert error.message.startswith("invalid escape character 'q' in an unquoted string")
 
 
 def test_unquoted_stops_at_terminators() -> None:
@@ -735,10 +718,7 @@ def test_variable_forward_reference() -> None:
     error = parse_error("a: $b\nb: 1", environ={})
     assert error.line == 1
     assert error.column == 4
-    assert (
-        error.message
-        == "variable reference $b is not defined (no earlier key and no environment variable)"
-    )
+    assert error.message == "variable reference $b is not defined (no earlier key and no environment variable)"
 
 
 def test_variable_case_sensitive() -> None:
@@ -807,10 +787,7 @@ def test_variable_environment_self_cycle() -> None:
     error = parse_error("a: 1\nn: $E1\n", environ={"E1": "$E1"})
     assert error.line == 2
     assert error.column == 4
-    assert (
-        error.message
-        == "variable reference $E1 is part of a cycle of environment variables: E1 -> E1"
-    )
+    assert error.message == "variable reference $E1 is part of a cycle of environment variables: E1 -> E1"
 
 
 def test_variable_environment_indirect_cycle() -> None:
@@ -871,9 +848,7 @@ def test_include_in_map(tmp_path: Path) -> None:
         tmp_path / "main.conf",
         "authorization {\n  include auth.conf\n  timeout: 2\n}\n",
     )
-    assert parse_file(str(main), NO_ENVIRONMENT) == {
-        "authorization": {"token": "abc", "timeout": 2}
-    }
+    assert parse_file(str(main), NO_ENVIRONMENT) == {"authorization": {"token": "abc", "timeout": 2}}
 
 
 def test_include_double_quoted(tmp_path: Path) -> None:
@@ -890,9 +865,7 @@ def test_include_single_quoted(tmp_path: Path) -> None:
 
 def test_include_keyword_case_insensitive(tmp_path: Path) -> None:
     write(tmp_path / "inc.conf", "x: 1\n")
-    main = write(
-        tmp_path / "main.conf", "INCLUDE inc.conf # comment\nInclude\tinc.conf\n"
-    )
+    main = write(tmp_path / "main.conf", "INCLUDE inc.conf # comment\nInclude\tinc.conf\n")
     assert parse_file(str(main), NO_ENVIRONMENT) == {"x": 1}
 
 
@@ -913,9 +886,7 @@ def test_include_relative_to_including_file(tmp_path: Path) -> None:
     assert parse_file(str(main), NO_ENVIRONMENT) == {"leaf": True, "middle": 1}
 
 
-def test_include_from_string_cwd(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_include_from_string_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write(tmp_path / "inc.conf", "x: 1\n")
     monkeypatch.chdir(tmp_path)
     assert parse("include inc.conf", environ=NO_ENVIRONMENT) == {"x": 1}
@@ -985,9 +956,7 @@ def test_include_indirect_loop(tmp_path: Path) -> None:
     assert "includes itself" in error.message
 
 
-def test_include_loop_from_string(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_include_loop_from_string(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write(tmp_path / "a.conf", "include a.conf\n")
     monkeypatch.chdir(tmp_path)
     error = parse_error("include a.conf")

@@ -60,7 +60,7 @@ def test_full_file(tmp_path):
 
 
 def test_nats_server_spellings(tmp_path):
-    config = _load(tmp_path, f"operator: \"./demo.jwt\"\nsystem_account: {SYS}\n")
+    config = _load(tmp_path, f'operator: "./demo.jwt"\nsystem_account: {SYS}\n')
     assert config.operator == str(tmp_path / "demo.jwt")
     assert config.system_account == SYS
 
@@ -107,7 +107,7 @@ def test_wrong_types_name_key(tmp_path, text, message):
 
 def test_syntax_error_names_file_line_column(tmp_path):
     with pytest.raises(ConfigError) as raised:
-        _load(tmp_path, "http {\n  port: \"open\n}\n")
+        _load(tmp_path, 'http {\n  port: "open\n}\n')
     assert str(raised.value).startswith(f"{tmp_path / 'nas.conf'}:2:")
 
 

@@ -124,10 +124,7 @@ class LoadCredentialsTests(TestCase):
     def test_unframed_seed_line(self) -> None:
         text = read_fixture(SYS_CREDS)
         unframed = (
-            "-----BEGIN NATS USER JWT-----\n"
-            f"{jwt_line(text)}\n"
-            "------END NATS USER JWT------\n\n"
-            f"{seed_line(text)}\n"
+            f"-----BEGIN NATS USER JWT-----\n{jwt_line(text)}\n------END NATS USER JWT------\n\n{seed_line(text)}\n"
         )
 
         credentials = load_credentials(self.write(unframed))
@@ -146,9 +143,7 @@ class LoadCredentialsTests(TestCase):
 
     def test_no_jwt_block(self) -> None:
         text = read_fixture(SYS_CREDS).replace(jwt_line(read_fixture(SYS_CREDS)), "")
-        text = text.replace("BEGIN NATS USER JWT", "BEGIN SOMETHING").replace(
-            "END NATS USER JWT", "END SOMETHING"
-        )
+        text = text.replace("BEGIN NATS USER JWT", "BEGIN SOMETHING").replace("END NATS USER JWT", "END SOMETHING")
 
         self.assert_error(self.write(text), 'no "BEGIN NATS USER JWT" block found')
 
@@ -156,9 +151,7 @@ class LoadCredentialsTests(TestCase):
         text = read_fixture(SYS_CREDS)
         without_seed = text[: text.index("-----BEGIN USER NKEY SEED")]
 
-        message = self.assert_error(
-            self.write(without_seed), 'no "BEGIN USER NKEY SEED" block found'
-        )
+        message = self.assert_error(self.write(without_seed), 'no "BEGIN USER NKEY SEED" block found')
         self.assertNotIn(seed_line(text), message)
 
     def test_bad_seed_crc(self) -> None:
@@ -170,9 +163,7 @@ class LoadCredentialsTests(TestCase):
         replacement = "A" if seed[position] != "A" else "B"
         damaged = seed[:position] + replacement + seed[position + 1 :]
 
-        message = self.assert_error(
-            self.write(text.replace(seed, damaged)), "invalid CRC16 checksum"
-        )
+        message = self.assert_error(self.write(text.replace(seed, damaged)), "invalid CRC16 checksum")
         self.assertNotIn(damaged, message)
         self.assertNotIn(seed, message)
 
@@ -180,15 +171,11 @@ class LoadCredentialsTests(TestCase):
         text = read_fixture(SYS_CREDS)
         seed = seed_line(text)
 
-        self.assert_error(
-            self.write(text.replace(seed, "SU" + "1" * 56)), "not valid base32"
-        )
+        self.assert_error(self.write(text.replace(seed, "SU" + "1" * 56)), "not valid base32")
 
     def test_account_seed_rejected(self) -> None:
         text = read_fixture(SYS_CREDS)
-        account_seed = nkeys.encode_seed(
-            os.urandom(32), nkeys.PREFIX_BYTE_ACCOUNT
-        ).decode()
+        account_seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_ACCOUNT).decode()
 
         message = self.assert_error(
             self.write(text.replace(seed_line(text), account_seed)),
@@ -209,9 +196,7 @@ class LoadCredentialsTests(TestCase):
     def test_malformed_jwt(self) -> None:
         text = read_fixture(SYS_CREDS)
 
-        self.assert_error(
-            self.write(text.replace(jwt_line(text), "not-a-jwt")), "is not a JWT"
-        )
+        self.assert_error(self.write(text.replace(jwt_line(text), "not-a-jwt")), "is not a JWT")
 
     def test_non_ascii_file(self) -> None:
         path = self.write("")

@@ -97,13 +97,13 @@ def shop_update(**changes) -> bytes:
 def nasd_config(workdir: Path, nats_port: int) -> str:
     return f"""
 # written by the end-to-end test
-operator: {STORE / 'demo.jwt'}
+operator: {STORE / "demo.jwt"}
 system_account: {SYS}
 http {{ host: 127.0.0.1, port: 0 }}
-store {{ dir: "{workdir / 'jwt'}", shard: true }}
+store {{ dir: "{workdir / "jwt"}", shard: true }}
 nats {{
   servers: [ "nats://127.0.0.1:{nats_port}" ]
-  usercredentials: "{CREDS / 'SYS' / 'sys.creds'}"
+  usercredentials: "{CREDS / "SYS" / "sys.creds"}"
   reconnectwait: 200
 }}
 logging {{ debug: true }}
@@ -143,8 +143,16 @@ def test_push_resolve_update_revoke_and_recover(tmp_path, loop):
         limited = shop_update(conn=1)
         assert nasd.post_account(SHOP, limited)[0] == 200
         wait_for(
-            lambda: nats_server.account_info(SHOP)["account_detail"].get("decoded_jwt", {}).get("nats", {}).get("limits", {}).get("conn") == 1,
-            10, "nats-server to apply the lowered connection limit",
+            lambda: (
+                nats_server.account_info(SHOP)["account_detail"]
+                .get("decoded_jwt", {})
+                .get("nats", {})
+                .get("limits", {})
+                .get("conn")
+                == 1
+            ),
+            10,
+            "nats-server to apply the lowered connection limit",
         )
         error = loop.run(connect_error(nats_server.url, CREDS / "SHOP" / "bob.creds"))
         assert "maximum" in error.lower() and "connections" in error.lower(), error
@@ -154,7 +162,8 @@ def test_push_resolve_update_revoke_and_recover(tmp_path, loop):
         assert nasd.post_account(SHOP, revoked)[0] == 200
         wait_for(
             lambda: loop.run(connect_error(nats_server.url, CREDS / "SHOP" / "bob.creds")) != "",
-            10, "nats-server to refuse the revoked user bob",
+            10,
+            "nats-server to refuse the revoked user bob",
         )
         loop.run(bob.close())
 
@@ -213,7 +222,7 @@ def test_startup_log_and_sigint(tmp_path):
 
 
 def test_bad_config_stops_with_location(tmp_path):
-    nasd = Nasd(tmp_path, "http {\n  port: \"unterminated\n}\n")
+    nasd = Nasd(tmp_path, 'http {\n  port: "unterminated\n}\n')
     status = nasd.run_to_exit()
     output = nasd.output()
     assert status == 1

@@ -421,10 +421,18 @@ class PostAccountTests(APITestCase):
         self.assertEqual(body, fixture_jwt("SHOP"))
 
     def test_post_any_content_type(self) -> None:
-        content_types = ["application/jwt", "application/json", "text/plain", "application/octet-stream", "application/x-www-form-urlencoded"]
+        content_types = [
+            "application/jwt",
+            "application/json",
+            "text/plain",
+            "application/octet-stream",
+            "application/x-www-form-urlencoded",
+        ]
         for content_type in content_types:
             self.use(build_harness())
-            response, body = self.post(f"/jwt/v1/accounts/{ACME}", fixture_jwt("ACME"), headers={"Content-Type": content_type})
+            response, body = self.post(
+                f"/jwt/v1/accounts/{ACME}", fixture_jwt("ACME"), headers={"Content-Type": content_type}
+            )
             self.assertEqual(response.code, 200, f"{content_type}: {body!r}")
             self.assertIsNotNone(self.harness.store.get(ACME), content_type)
 
@@ -843,7 +851,13 @@ class BoundedRequestTests(TestCase):
         return protocol, transport
 
     def post_head(self, length_header: bytes) -> bytes:
-        return b"POST /jwt/v1/accounts/" + ACME.encode() + b" HTTP/1.1\r\nHost: nasd.test\r\n" + length_header + b"\r\n\r\n"
+        return (
+            b"POST /jwt/v1/accounts/"
+            + ACME.encode()
+            + b" HTTP/1.1\r\nHost: nasd.test\r\n"
+            + length_header
+            + b"\r\n\r\n"
+        )
 
     def assert413(self, transport: StringTransport) -> None:
         written = transport.value()
@@ -904,7 +918,9 @@ class BoundedRequestTests(TestCase):
         protocol.dataReceived(self.post_head(b"Transfer-Encoding: chunked"))
         jwt = fixture_jwt("ACME")
         padding = b"\n" * ONE_MIB
-        protocol.dataReceived(b"%x\r\n" % len(jwt) + jwt + b"\r\n" + b"%x\r\n" % len(padding) + padding + b"\r\n0\r\n\r\n")
+        protocol.dataReceived(
+            b"%x\r\n" % len(jwt) + jwt + b"\r\n" + b"%x\r\n" % len(padding) + padding + b"\r\n0\r\n\r\n"
+        )
         self.assert413(transport)
         self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
         self.assertIsNone(self.harness.store.get(ACME))

@@ -150,7 +150,10 @@ def test_oversized_token_rejected():
 
 
 def test_user_jwt_is_not_an_account():
-    user = encode({"iat": 1, "sub": public_key(new_seed(nkeys.PREFIX_BYTE_USER)), "nats": {"type": "user", "version": 2}}, fixture_seed(ACME))
+    user = encode(
+        {"iat": 1, "sub": public_key(new_seed(nkeys.PREFIX_BYTE_USER)), "nats": {"type": "user", "version": 2}},
+        fixture_seed(ACME),
+    )
     with pytest.raises(JWTError, match="expected an account JWT"):
         decode_account(user)
 

@@ -98,11 +98,7 @@ class LogCapture:
         test.addCleanup(logs.set_level, False)
 
     def messages(self, level: LogLevel) -> list[str]:
-        return [
-            formatEvent(event)
-            for event in self.events
-            if event.get("log_level") == level
-        ]
+        return [formatEvent(event) for event in self.events if event.get("log_level") == level]
 
 
 class ProtocolTests(TestCase):
@@ -204,13 +200,9 @@ class ProtocolTests(TestCase):
         for index in range(len(data)):
             protocol.dataReceived(data[index : index + 1])
 
-        self.assertEqual(
-            sum(line.startswith(b"CONNECT ") for line in sent_lines(transport)), 1
-        )
+        self.assertEqual(sum(line.startswith(b"CONNECT ") for line in sent_lines(transport)), 1)
         self.assertEqual(protocol.server_info["nonce"], NONCE)
-        verify_nonce_signature(
-            self.credentials.public_key, NONCE, connect_fields(transport)["sig"]
-        )
+        verify_nonce_signature(self.credentials.public_key, NONCE, connect_fields(transport)["sig"])
 
     def test_several_frames_in_one_chunk(self) -> None:
         protocol, transport = self.connect(self.credentials)
@@ -231,18 +223,12 @@ class ProtocolTests(TestCase):
     def test_msg_payload_split_across_chunks(self) -> None:
         protocol, _ = self.establish()
         payload = b"first\r\nsecond\r\n" + b"x" * 1000
-        data = (
-            b"MSG  inbox.reply\t9   _INBOX.abc \t %d\r\n" % len(payload)
-            + payload
-            + b"\r\n"
-        )
+        data = b"MSG  inbox.reply\t9   _INBOX.abc \t %d\r\n" % len(payload) + payload + b"\r\n"
 
         for start in range(0, len(data), 7):
             protocol.dataReceived(data[start : start + 7])
 
-        self.assertEqual(
-            self.messages, [Message("inbox.reply", "9", "_INBOX.abc", payload)]
-        )
+        self.assertEqual(self.messages, [Message("inbox.reply", "9", "_INBOX.abc", payload)])
 
     def test_msg_header_and_payload_split_at_crlf(self) -> None:
         protocol, _ = self.establish()
@@ -292,18 +278,14 @@ class ProtocolTests(TestCase):
         protocol.dataReceived(b"-ERR 'Authentication Timeout'\r\n")
 
         self.assertTrue(transport.disconnecting)
-        self.assertIn(
-            "no creds file is configured", self.logs.messages(LogLevel.error)[0]
-        )
+        self.assertIn("no creds file is configured", self.logs.messages(LogLevel.error)[0])
 
     def test_permission_violation_keeps_connection(self) -> None:
         protocol, transport = self.establish()
         protocol.publish("forbidden", b"x")
         flushed = protocol.flush()
 
-        protocol.dataReceived(
-            b"-ERR 'Permissions Violation for Publish to \"forbidden\"'\r\n"
-        )
+        protocol.dataReceived(b"-ERR 'Permissions Violation for Publish to \"forbidden\"'\r\n")
         protocol.dataReceived(b"PONG\r\n")
 
         self.assertFalse(transport.disconnecting)
@@ -355,9 +337,7 @@ class ProtocolTests(TestCase):
         protocol.dataReceived(b"INFO {not json\r\n")
 
         self.assertTrue(transport.disconnecting)
-        self.assertIn(
-            "INFO does not contain valid JSON", self.logs.messages(LogLevel.error)[0]
-        )
+        self.assertIn("INFO does not contain valid JSON", self.logs.messages(LogLevel.error)[0])
 
     def test_unknown_operation_drops(self) -> None:
         protocol, transport = self.establish()
@@ -365,9 +345,7 @@ class ProtocolTests(TestCase):
         protocol.dataReceived(b"HELLO there\r\n")
 
         self.assertTrue(transport.disconnecting)
-        self.assertIn(
-            "unknown protocol operation 'HELLO'", self.logs.messages(LogLevel.error)[0]
-        )
+        self.assertIn("unknown protocol operation 'HELLO'", self.logs.messages(LogLevel.error)[0])
 
     def test_input_after_drop_ignored(self) -> None:
         protocol, transport = self.establish()
@@ -431,9 +409,7 @@ class ProtocolTests(TestCase):
     def test_publish_over_max_payload_rejected(self) -> None:
         protocol, transport = self.establish(max_payload=10)
 
-        error = self.assertRaises(
-            MaxPayloadExceededError, protocol.publish, "s", b"x" * 11
-        )
+        error = self.assertRaises(MaxPayloadExceededError, protocol.publish, "s", b"x" * 11)
 
         self.assertIsInstance(error, ValueError)
         self.assertIn("11 bytes", str(error))
@@ -494,9 +470,7 @@ class ProtocolTests(TestCase):
         self.clock.advance(0.2)
 
         self.assertTrue(transport.disconnecting)
-        self.assertIn(
-            "did not complete the handshake", self.logs.messages(LogLevel.error)[0]
-        )
+        self.assertIn("did not complete the handshake", self.logs.messages(LogLevel.error)[0])
 
     def test_keepalive_closes_stale_connection(self) -> None:
         protocol, transport = self.connect(ping_interval=10.0)
@@ -512,9 +486,7 @@ class ProtocolTests(TestCase):
         self.clock.advance(10.0)
 
         self.assertTrue(transport.disconnecting)
-        self.assertIn(
-            "did not respond to a PING", self.logs.messages(LogLevel.error)[0]
-        )
+        self.assertIn("did not respond to a PING", self.logs.messages(LogLevel.error)[0])
 
     def test_trace_redacts_connect(self) -> None:
         protocol, transport = self.connect(self.credentials, trace=True)
@@ -567,9 +539,7 @@ class ParseServerURLTests(TestCase):
             self.assertIn(expected, str(error), url)
 
     def test_password_not_echoed(self) -> None:
-        error = self.assertRaises(
-            ValueError, parse_server_url, "nats://user:secret@127.0.0.1"
-        )
+        error = self.assertRaises(ValueError, parse_server_url, "nats://user:secret@127.0.0.1")
 
         self.assertNotIn("secret", str(error))
         self.assertIn("use a creds file", str(error))
@@ -580,9 +550,7 @@ class PublisherTests(TestCase):
         self.reactor = MemoryReactorClock()
         self.logs = LogCapture(self)
 
-    def make_publisher(
-        self, servers: list[str] | None = None, max_reconnects: int = -1
-    ) -> ClaimUpdatePublisher:
+    def make_publisher(self, servers: list[str] | None = None, max_reconnects: int = -1) -> ClaimUpdatePublisher:
         publisher = ClaimUpdatePublisher(
             self.reactor,
             servers or [SERVER_URL],
@@ -611,9 +579,7 @@ class PublisherTests(TestCase):
         protocol.factory.clientConnectionLost(self.reactor.connectors[-1], reason)
 
     def refuse(self, publisher: ClaimUpdatePublisher) -> None:
-        publisher.factory.clientConnectionFailed(
-            self.reactor.connectors[-1], Failure(ConnectionRefusedError())
-        )
+        publisher.factory.clientConnectionFailed(self.reactor.connectors[-1], Failure(ConnectionRefusedError()))
 
     def pub_line(self, jwt: bytes, account: str = SHOP) -> bytes:
         subject = f"$SYS.ACCOUNT.{account}.CLAIMS.UPDATE"
@@ -734,24 +700,17 @@ class PublisherTests(TestCase):
         protocol, transport = self.accept()
 
         publisher.publish_account_update(SHOP, b"jwt-1")
-        protocol.dataReceived(
-            b"-ERR 'Permissions Violation for Publish to \"%s\"'\r\nPONG\r\n"
-            % SHOP_SUBJECT.encode()
-        )
+        protocol.dataReceived(b"-ERR 'Permissions Violation for Publish to \"%s\"'\r\nPONG\r\n" % SHOP_SUBJECT.encode())
 
         self.assertFalse(transport.disconnecting)
         self.assertEqual(publisher.pending_count, 1)
-        self.assertIn(
-            "rejected the claim update", self.logs.messages(LogLevel.error)[0]
-        )
+        self.assertIn("rejected the claim update", self.logs.messages(LogLevel.error)[0])
 
     def test_invalid_account_rejected(self) -> None:
         publisher = self.make_publisher()
 
         self.assertRaises(ValueError, publisher.publish_account_update, "A.>", b"jwt")
-        self.assertRaises(
-            ValueError, publisher.publish_account_update, SHOP + " x", b"jwt"
-        )
+        self.assertRaises(ValueError, publisher.publish_account_update, SHOP + " x", b"jwt")
         self.assertEqual(publisher.pending_count, 0)
 
     def test_reconnect_goes_to_next_server(self) -> None:
@@ -770,9 +729,7 @@ class PublisherTests(TestCase):
             self.reactor.advance(delay - 0.01)
             self.assertEqual(len(self.reactor.tcpClients), attempts)
             self.reactor.advance(0.01)
-            self.assertEqual(
-                self.reactor.tcpClients[-1][:2], ("127.0.0.1", expected_port)
-            )
+            self.assertEqual(self.reactor.tcpClients[-1][:2], ("127.0.0.1", expected_port))
 
         warning = self.logs.messages(LogLevel.warn)[0]
         self.assertIn("failed to connect to NATS server nats://127.0.0.1:4001", warning)
@@ -861,9 +818,7 @@ class PublisherTests(TestCase):
         self.assertNoResult(stopped)
 
         protocol.connectionLost(Failure(ConnectionDone()))
-        protocol.factory.clientConnectionLost(
-            self.reactor.connectors[-1], Failure(ConnectionDone())
-        )
+        protocol.factory.clientConnectionLost(self.reactor.connectors[-1], Failure(ConnectionDone()))
         self.successResultOf(stopped)
         self.reactor.advance(100)
         self.assertEqual(len(self.reactor.tcpClients), 1)

@@ -103,8 +103,7 @@ class NATSServerProcess:
             except OSError:
                 time.sleep(0.05)
         raise AssertionError(
-            f"nats-server did not listen on port {self.port} within {WAIT_TIMEOUT} s:\n"
-            f"{self.read_log()}"
+            f"nats-server did not listen on port {self.port} within {WAIT_TIMEOUT} s:\n{self.read_log()}"
         )
 
     def stop(self) -> None:
@@ -130,17 +129,13 @@ class ClaimUpdateSubscriber:
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(
-            target=asyncio.run, args=(self._run(),), daemon=True
-        )
+        self._thread = threading.Thread(target=asyncio.run, args=(self._run(),), daemon=True)
 
     def start(self) -> None:
         """Start the thread and block until the subscription is active on the server."""
         self._thread.start()
         if not self._ready.wait(WAIT_TIMEOUT):
-            raise AssertionError(
-                f"the nats-py subscriber did not start within {WAIT_TIMEOUT} s"
-            )
+            raise AssertionError(f"the nats-py subscriber did not start within {WAIT_TIMEOUT} s")
         if self._error is not None:
             raise AssertionError(f"the nats-py subscriber failed: {self._error!r}")
 
@@ -179,9 +174,7 @@ async def wait_until(condition: Callable[[], bool], description: str) -> None:
     deadline = time.monotonic() + WAIT_TIMEOUT
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {WAIT_TIMEOUT} s waiting until {description}"
-            )
+            raise AssertionError(f"timed out after {WAIT_TIMEOUT} s waiting until {description}")
         await deferLater(reactor, 0.05, lambda: None)
 
 
@@ -198,9 +191,7 @@ class LiveClaimUpdateTests(TestCase):
         self.addCleanup(self.server.stop)
         self.shop_jwt = read_jwt(SHOP_ACCOUNT_JWT)
 
-    def start_publisher(
-        self, creds_path: str = PUBLISHER_CREDS
-    ) -> ClaimUpdatePublisher:
+    def start_publisher(self, creds_path: str = PUBLISHER_CREDS) -> ClaimUpdatePublisher:
         publisher = ClaimUpdatePublisher(
             reactor,
             [self.url],
@@ -222,13 +213,9 @@ class LiveClaimUpdateTests(TestCase):
 
     async def receive(self, subscriber: ClaimUpdateSubscriber) -> tuple[str, bytes]:
         try:
-            message: tuple[str, bytes] = await deferToThread(
-                subscriber.messages.get, timeout=WAIT_TIMEOUT
-            )
+            message: tuple[str, bytes] = await deferToThread(subscriber.messages.get, timeout=WAIT_TIMEOUT)
         except queue.Empty:
-            raise AssertionError(
-                f"no message on {CLAIMS_UPDATE_WILDCARD} within {WAIT_TIMEOUT} s"
-            ) from None
+            raise AssertionError(f"no message on {CLAIMS_UPDATE_WILDCARD} within {WAIT_TIMEOUT} s") from None
         return message
 
     def test_update_reaches_subscriber(self) -> Deferred[None]:
@@ -242,9 +229,7 @@ class LiveClaimUpdateTests(TestCase):
         self.assertEqual(publisher.server_url, self.url)
 
         publisher.publish_account_update(SHOP_ACCOUNT, self.shop_jwt)
-        await wait_until(
-            lambda: publisher.pending_count == 0, "the update is confirmed"
-        )
+        await wait_until(lambda: publisher.pending_count == 0, "the update is confirmed")
 
         subject, payload = await self.receive(subscriber)
         self.assertEqual(subject, f"$SYS.ACCOUNT.{SHOP_ACCOUNT}.CLAIMS.UPDATE")
@@ -257,9 +242,7 @@ class LiveClaimUpdateTests(TestCase):
     async def _update_held_until_server_starts(self) -> None:
         publisher = self.start_publisher()
         publisher.publish_account_update(SHOP_ACCOUNT, self.shop_jwt)
-        await wait_until(
-            lambda: publisher.factory.retries >= 1, "a connection attempt has failed"
-        )
+        await wait_until(lambda: publisher.factory.retries >= 1, "a connection attempt has failed")
         self.assertFalse(publisher.connected)
         self.assertEqual(publisher.pending_count, 1)
 
@@ -268,9 +251,7 @@ class LiveClaimUpdateTests(TestCase):
         self.server.start(self.binary)
         subscriber = self.start_subscriber()
 
-        await wait_until(
-            lambda: publisher.pending_count == 0, "the held update is confirmed"
-        )
+        await wait_until(lambda: publisher.pending_count == 0, "the held update is confirmed")
         subject, payload = await self.receive(subscriber)
         self.assertEqual(subject, f"$SYS.ACCOUNT.{SHOP_ACCOUNT}.CLAIMS.UPDATE")
         self.assertEqual(payload, self.shop_jwt)
@@ -292,13 +273,10 @@ class LiveClaimUpdateTests(TestCase):
             return [
                 formatEvent(event)
                 for event in events
-                if event.get("log_level") == LogLevel.error
-                and "Authorization Violation" in formatEvent(event)
+                if event.get("log_level") == LogLevel.error and "Authorization Violation" in formatEvent(event)
             ]
 
-        await wait_until(
-            lambda: bool(rejections()), "the server rejects the credentials"
-        )
+        await wait_until(lambda: bool(rejections()), "the server rejects the credentials")
         self.assertIn(UNTRUSTED_CREDS, rejections()[0])
         self.assertFalse(publisher.connected)
         self.assertEqual(publisher.pending_count, 1)

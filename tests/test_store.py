@@ -12,7 +12,17 @@ from twisted.trial import unittest
 
 from nasd.jwt import Token, decode_account
 from nasd.store import DirectoryStore, MemoryStore, ReadOnlyStoreError, StaleJWTError, StoreError
-from tests.tokens import ACME, OPERATOR_KEY, SHOP, account_claims, encode, fixture_jwt, fixture_seed, new_seed, public_key
+from tests.tokens import (
+    ACME,
+    OPERATOR_KEY,
+    SHOP,
+    account_claims,
+    encode,
+    fixture_jwt,
+    fixture_seed,
+    new_seed,
+    public_key,
+)
 
 
 def _account(key: str, iat: int, name: str = "X", **nats) -> Token:
@@ -149,7 +159,11 @@ class DirectoryStoreTests(unittest.TestCase):
 
     def test_invalid_key_never_becomes_path(self):
         store = self._open()
-        for key in ("../../etc/passwd", ACME[:-1] + ("A" if ACME[-1] != "A" else "B"), public_key(new_seed(nkeys.PREFIX_BYTE_USER))):
+        for key in (
+            "../../etc/passwd",
+            ACME[:-1] + ("A" if ACME[-1] != "A" else "B"),
+            public_key(new_seed(nkeys.PREFIX_BYTE_USER)),
+        ):
             with self.assertRaises(StoreError):
                 store.path_for(key)
 

@@ -38,7 +38,12 @@ def _options(*arguments: str) -> tap.Options:
 
 @pytest.mark.parametrize(
     "value, expected",
-    [("127.0.0.1:9090", ("127.0.0.1", 9090)), ("[::1]:8080", ("::1", 8080)), (":9090", ("", 9090)), ("localhost:0", ("localhost", 0))],
+    [
+        ("127.0.0.1:9090", ("127.0.0.1", 9090)),
+        ("[::1]:8080", ("::1", 8080)),
+        (":9090", ("", 9090)),
+        ("localhost:0", ("localhost", 0)),
+    ],
 )
 def test_host_port_parsed(value, expected):
     assert tap.parse_host_port(value) == expected
@@ -55,7 +60,20 @@ def test_options_override_file(folder):
     with open(path, "w") as file:
         file.write("http { port: 1 }\nstore { dir: a, shard: true }\nnats { servers: nats://x:1 }\n")
     config = tap.build_config(
-        _options("-c", path, "--hp", "127.0.0.2:2", "--dir", folder, "--nats", "nats://a:1, nats://b:2", "--creds", "sys.creds", "-D", "-V")
+        _options(
+            "-c",
+            path,
+            "--hp",
+            "127.0.0.2:2",
+            "--dir",
+            folder,
+            "--nats",
+            "nats://a:1, nats://b:2",
+            "--creds",
+            "sys.creds",
+            "-D",
+            "-V",
+        )
     )
     assert (config.http.host, config.http.port) == ("127.0.0.2", 2)
     assert config.store.dir == folder
@@ -104,7 +122,9 @@ def test_service_logs_resolver_line(folder, messages):
     assert (port, interface) == (0, "127.0.0.1")
     logged = messages(LogLevel.info)
     assert "configure the nats-server with:" in logged
-    assert any(line.startswith("  resolver: URL(http://127.0.0.1:") and line.endswith("/jwt/v1/accounts/)") for line in logged)
+    assert any(
+        line.startswith("  resolver: URL(http://127.0.0.1:") and line.endswith("/jwt/v1/accounts/)") for line in logged
+    )
     assert any(line.startswith("operator demo (OBCQ") for line in logged)
 
 
@@ -137,13 +157,17 @@ def test_system_account_jwt_accepted(folder, messages):
 
 
 def test_missing_creds_named(folder):
-    config = _config(folder, nats={"servers": ("nats://127.0.0.1:4222",), "user_credentials": os.path.join(folder, "x.creds")})
+    config = _config(
+        folder, nats={"servers": ("nats://127.0.0.1:4222",), "user_credentials": os.path.join(folder, "x.creds")}
+    )
     with pytest.raises(StartupError, match="x.creds"):
         build_service(MemoryReactorClock(), config)
 
 
 def test_bad_nats_url_named(folder):
-    config = _config(folder, nats={"servers": ("http://127.0.0.1:4222",), "user_credentials": str(CREDS / "SYS" / "sys.creds")})
+    config = _config(
+        folder, nats={"servers": ("http://127.0.0.1:4222",), "user_credentials": str(CREDS / "SYS" / "sys.creds")}
+    )
     with pytest.raises(StartupError, match="nats.servers: .*http://127.0.0.1:4222"):
         build_service(MemoryReactorClock(), config)
 

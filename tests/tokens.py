@@ -84,7 +84,16 @@ def encode(claims: dict[str, Any], seed: bytes, version: int = 2) -> bytes:
 def account_claims(subject: str, name: str, iat: int, **nats: Any) -> dict[str, Any]:
     """Build v2 account claims with unlimited limits, overridden by *nats* entries."""
     section: dict[str, Any] = {
-        "limits": {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": True, "conn": -1, "leaf": -1},
+        "limits": {
+            "subs": -1,
+            "data": -1,
+            "payload": -1,
+            "imports": -1,
+            "exports": -1,
+            "wildcards": True,
+            "conn": -1,
+            "leaf": -1,
+        },
         "default_permissions": {"pub": {}, "sub": {}},
         "type": "account",
         "version": 2,
