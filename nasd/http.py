@@ -10,6 +10,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
 from twisted.web.server import Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
@@ -72,8 +73,9 @@ class AccountServerAPI:
         self.system_account = system_account
         self.in_flight: set[Deferred[bool]] = set()
 
-    def resource(self) -> Any:
-        return self.app.resource()
+    def resource(self) -> Resource:
+        """Return the root resource: the account fast path in front of the Klein app."""
+        return AccountFastPath(self, self.app.resource())
 
     # The resolver check: nats-server does not start unless this route returns 200.
 
@@ -261,13 +263,55 @@ class AccountServerAPI:
         if _flag(request, b"text"):
             return _body(request, 200, entry.raw, b"text/plain; charset=utf-8")
 
-        etag = f'"{entry.jti}"'.encode()
-        request.setHeader(b"ETag", etag)
-        request.setHeader(b"Cache-Control", CACHE_CONTROL)
-        if _etag_matches(request.getHeader(b"If-None-Match"), entry.jti):
-            request.setResponseCode(304)
-            return b""
-        return _body(request, 200, entry.raw, b"application/jwt")
+        return send_account_jwt(request, entry)
+
+
+def send_account_jwt(request: IRequest, entry: StoredJWT) -> bytes:
+    """Send a stored JWT with its ETag, or 304 when the client already has it."""
+    headers = request.responseHeaders
+    headers.setRawHeaders(b"ETag", [entry.etag])
+    headers.setRawHeaders(b"Cache-Control", [CACHE_CONTROL])
+    if _etag_matches(request.getHeader(b"If-None-Match"), entry.jti):
+        request.setResponseCode(304)
+        return b""
+    return _body(request, 200, entry.raw, b"application/jwt")
+
+
+class AccountFastPath(Resource):
+    """Serve ``GET``/``HEAD /jwt/v1/accounts/<key>`` for stored keys without Klein's routing.
+
+    nats-servers fetch accounts in bursts, so this route skips the werkzeug URL map.
+    Every other request, including account requests with query flags and unknown keys,
+    goes to the Klein app, which gives the same answer for these requests.
+    """
+
+    isLeaf = True
+
+    def __init__(self, api: AccountServerAPI, app: Resource) -> None:
+        super().__init__()
+        self.api = api
+        self.app = app
+
+    def render(self, request: IRequest) -> Any:
+        if request.method in (b"GET", b"HEAD") and not request.args:
+            key = _account_key_in_path(request.path)
+            if key is not None and is_account_key(key):
+                entry = self.api.store.get(key)
+                if entry is not None:
+                    return send_account_jwt(request, entry)
+        return self.app.render(request)
+
+
+_ACCOUNT_PREFIXES = (b"/jwt/v1/accounts/", b"/jwt/v1//accounts/")
+
+
+def _account_key_in_path(path: bytes) -> str | None:
+    for prefix in _ACCOUNT_PREFIXES:
+        if path.startswith(prefix):
+            key = path[len(prefix) :]
+            if len(key) == 56 and key.isalnum():
+                return key.decode("ascii")
+    return None
 
 
 def _flag(request: IRequest, name: bytes) -> bool:

@@ -12,7 +12,7 @@ import binascii
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredLock, succeed
@@ -59,6 +59,11 @@ class StoredJWT:
     jti: str
     issued_at: int
     expires: int
+    etag: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Computed once here, so that serving the JWT formats nothing per request.
+        object.__setattr__(self, "etag", f'"{self.jti}"'.encode())
 
     @classmethod
     def from_token(cls, token: Token) -> StoredJWT:
