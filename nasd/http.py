@@ -197,7 +197,11 @@ class AccountServerAPI:
         report: dict[str, Any] = {
             "status": "ok",
             "version": __version__,
-            "store": {"kind": self.store.kind, "accounts": len(self.store), "readonly": self.store.readonly},
+            "store": {
+                "kind": self.store.kind,
+                "accounts": len(self.store) if self.store.listed else None,
+                "readonly": self.store.readonly,
+            },
             "nats": {"configured": self.publisher is not None, "connected": False},
         }
         if self.publisher is not None:

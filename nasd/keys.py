@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -72,6 +73,12 @@ def is_public_key(key: object, kind: KeyKind) -> bool:
 
 
 def is_account_key(key: object) -> bool:
+    return isinstance(key, str) and _is_account_key(key)
+
+
+@functools.lru_cache(maxsize=65536)
+def _is_account_key(key: str) -> bool:
+    """Check an account key once; the HTTP fast path validates the same keys again and again."""
     return is_public_key(key, KeyKind.ACCOUNT)
 
 

@@ -11,6 +11,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from nasd import __version__, logs
@@ -29,7 +30,7 @@ class StartupError(Exception):
     """A configured file or value that keeps nasd from starting."""
 
 
-class QuietSite(Site):
+class AccountServerSite(Site):
     """A Site that writes access log lines only when debug logging is on.
 
     nats-servers fetch accounts on every first connection of a user, so access lines
@@ -65,7 +66,7 @@ class NasService(MultiService):
         self.api = api
         self.publisher = publisher
         self.port: IListeningPort | None = None
-        self.site = QuietSite(api.resource(), timeout=config.http.read_timeout or None)
+        self.site = AccountServerSite(api.resource(), timeout=config.http.read_timeout or None)
         self.site.requestFactory = BoundedRequest
         self.site.displayTracebacks = False
         self.site.access_log = config.logging.debug
@@ -89,6 +90,30 @@ class NasService(MultiService):
         )
         if advertised != http.host:
             log.info("(nasd listens on every interface; use an address of this host that the nats-servers can reach)")
+
+    def startService(self) -> None:
+        super().startService()
+        self._list_store()
+
+    def _list_store(self) -> None:
+        store = self.api.store
+        if not isinstance(store, DirectoryStore) or store.listed:
+            return
+        started = self.reactor.seconds()
+
+        def report(count: int) -> None:
+            seconds = self.reactor.seconds() - started
+            log.info(
+                "store: {count} account JWT(s) in {path} (listed in {seconds:.1f} s)",
+                count=count,
+                path=store.location,
+                seconds=seconds,
+            )
+
+        def failed(failure: Failure) -> None:
+            log.error("store: listing {path} failed: {error}", path=store.location, error=failure.getErrorMessage())
+
+        store.list_in_background().addCallbacks(report, failed)
 
     def stopService(self) -> Deferred[None]:
         return ensureDeferred(self._stop())
@@ -202,18 +227,12 @@ def open_store(reactor: Any, config: Config) -> AccountStore:
         return MemoryStore()
     store = DirectoryStore(reactor, config.store.dir, shard=config.store.shard, readonly=config.store.readonly)
     try:
-        store.open()
+        store.open(list_keys=False)
     except (OSError, StoreError) as error:
         raise StartupError(f"cannot open the store folder {config.store.dir}: {_reason(error)}") from None
     layout = "sharded" if config.store.shard else "flat"
     mode = ", read-only" if config.store.readonly else ""
-    log.info(
-        "store: {layout} directory {path}{mode}, {count} account JWT(s)",
-        layout=layout,
-        path=store.location,
-        mode=mode,
-        count=len(store),
-    )
+    log.info("store: {layout} directory {path}{mode}", layout=layout, path=store.location, mode=mode)
     return store
 
 

@@ -1,8 +1,7 @@
 """Account JWT stores: a durable directory store and a memory store with the same rules.
 
-Both keep an index of every account in memory (the JWT bytes, jti, iat and exp), so a
-GET never touches the disk. A save is refused when the stored JWT has a newer ``iat``:
-an old JWT must never roll back a newer one, since that could undo a revocation.
+A save is refused when the stored JWT has a newer ``iat``: an old JWT must never roll
+back a newer one, since that could undo a revocation.
 """
 
 from __future__ import annotations
@@ -11,6 +10,8 @@ import base64
 import binascii
 import json
 import os
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -21,13 +22,22 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from nasd.jwt import Token
-from nasd.keys import is_account_key
+from nasd.keys import KeyKind, is_account_key, is_public_key
 from nasd.logs import observer
 
 log = Logger(observer=observer)
 
 FILE_MODE = 0o600
 FOLDER_MODE = 0o700
+
+# Parsed files kept in memory by a DirectoryStore (an estimated 1.5 KB each for a 1 KB JWT).
+DEFAULT_CACHE_SIZE = 10_000
+
+# How long a cached file is served before its stat is compared with the disk again, in
+# seconds: changes made outside nasd (by hand, or by another process) show within it.
+RECHECK_INTERVAL = 1.0
+
+FileStamp = tuple[int, int, int]
 
 
 class StoreError(Exception):
@@ -76,6 +86,7 @@ class AccountStore(Protocol):
     kind: str
     location: str | None
     readonly: bool
+    listed: bool
 
     def get(self, key: str) -> StoredJWT | None: ...
 
@@ -91,6 +102,7 @@ class MemoryStore:
 
     kind = "memory"
     location: str | None = None
+    listed = True
 
     def __init__(self, readonly: bool = False) -> None:
         self.readonly = readonly
@@ -128,13 +140,12 @@ class MemoryStore:
         result.addBoth(release)
         return result
 
-    def _check(self, token: Token) -> StoredJWT | None:
-        """Return the entry to store, or None when the same JWT is already stored."""
+    def _check(self, token: Token, current: StoredJWT | None) -> StoredJWT | None:
+        """Return the entry to store in place of *current*, or None when it is the same JWT."""
         if self.readonly:
             raise ReadOnlyStoreError("the store is read-only")
         if not is_account_key(token.subject):
             raise StoreError(f"cannot store a JWT under the invalid account key {token.subject[:60]!r}")
-        current = self._index.get(token.subject)
         if current is not None:
             if current.raw == token.raw:
                 return None
@@ -143,11 +154,20 @@ class MemoryStore:
         return StoredJWT.from_token(token)
 
     def _save(self, token: Token) -> bool:
-        entry = self._check(token)
+        entry = self._check(token, self._index.get(token.subject))
         if entry is None:
             return False
         self._index[entry.key] = entry
         return True
+
+
+@dataclass
+class _CachedFile:
+    """A parsed store file, the stamp it had when read, and when the stamp was last checked."""
+
+    stamp: FileStamp
+    entry: StoredJWT | None
+    checked_at: float
 
 
 class DirectoryStore(MemoryStore):
@@ -156,81 +176,166 @@ class DirectoryStore(MemoryStore):
 
     A write goes to a temporary file in the target folder, which is synced, renamed over
     the target, and then the folder itself is synced, all in a thread-pool thread.
+
+    Files are read when first requested, not at startup, so startup time does not grow
+    with the number of accounts. Up to ``cache_size`` parsed files are kept in memory.
+    A GET compares the file's stat (mtime, size, inode) with the cached one when the
+    last comparison is older than RECHECK_INTERVAL, so a file replaced by another
+    process or by hand is read again.
+
+    NOTE: a file missing from the page cache is read on the reactor thread, which
+    blocks it for the duration of one small read.
     """
 
     kind = "directory"
 
-    def __init__(self, reactor: IReactorThreads, path: str, shard: bool = False, readonly: bool = False) -> None:
+    def __init__(
+        self,
+        reactor: IReactorThreads,
+        path: str,
+        shard: bool = False,
+        readonly: bool = False,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+    ) -> None:
         super().__init__(readonly=readonly)
         self._reactor = reactor
         self.location = os.path.abspath(path)
         self.shard = shard
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, _CachedFile] = OrderedDict()
+        self._keys: set[str] = set()
+        self.listed = False
 
     def path_for(self, key: str) -> str:
         """Return the file path of an account key; only valid account keys become paths."""
         if not is_account_key(key):
             raise StoreError(f"cannot build a path from the invalid account key {key[:60]!r}")
+        return self._path(key)
+
+    def _path(self, key: str) -> str:
         if self.shard:
             return os.path.join(self.location or "", key[-2:], key + ".jwt")
         return os.path.join(self.location or "", key + ".jwt")
 
-    def open(self) -> None:
-        """Create the folder when missing (unless read-only) and index every stored JWT.
+    def open(self, list_keys: bool = True) -> None:
+        """Create the folder when missing (unless read-only) and list the stored account keys.
 
-        Files are indexed without verifying their signatures again: nasd verified each
-        one before writing it. A file whose name is not an account key, or whose claims
-        cannot be read or name another subject, is logged and skipped.
+        Only names are listed. A file whose name is not an account key, or that sits in
+        the wrong shard folder, is logged and never served. With ``list_keys`` false the
+        listing is left to list_in_background, so that a large store does not delay
+        startup; files are served before it finishes either way.
         """
         assert self.location is not None
         if not os.path.isdir(self.location):
             if self.readonly:
                 raise StoreError(f"the store folder {self.location} does not exist")
             os.makedirs(self.location, mode=FOLDER_MODE, exist_ok=True)
-        for path in self._stored_files():
-            entry = _read_entry(path)
-            if entry is not None:
-                self._index[entry.key] = entry
+        if list_keys:
+            self._keys = set(self._stored_keys())
+            self.listed = True
 
-    def _stored_files(self) -> Iterator[str]:
+    def list_in_background(self) -> Deferred[int]:
+        """List the stored account keys in a thread; fires with their number."""
+        listing = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), lambda: set(self._stored_keys()))
+
+        def listed(keys: set[str]) -> int:
+            self._keys |= keys
+            self.listed = True
+            return len(self._keys)
+
+        return listing.addCallback(listed)
+
+    def _stored_keys(self) -> Iterator[str]:
         assert self.location is not None
         folders = [self.location]
         if self.shard:
-            folders = [
-                os.path.join(self.location, name)
-                for name in sorted(os.listdir(self.location))
-                if len(name) == 2 and os.path.isdir(os.path.join(self.location, name))
-            ]
+            with os.scandir(self.location) as entries:
+                folders = [entry.path for entry in entries if len(entry.name) == 2 and entry.is_dir()]
         for folder in folders:
-            for name in sorted(os.listdir(folder)):
-                if name.endswith(".jwt") and not name.startswith("."):
-                    key = name[: -len(".jwt")]
-                    if not is_account_key(key) or (self.shard and os.path.basename(folder) != key[-2:]):
-                        log.warn(
-                            "ignoring {path}: the name is not <account key>.jwt in the expected folder",
-                            path=os.path.join(folder, name),
-                        )
-                        continue
-                    yield os.path.join(folder, name)
+            with os.scandir(folder) as entries:
+                names = [entry.name for entry in entries]
+            for name in names:
+                if not name.endswith(".jwt") or name.startswith("."):
+                    continue
+                key = name[: -len(".jwt")]
+                # is_public_key rather than the cached is_account_key: listing every key
+                # would fill the cache with keys that are rarely requested.
+                if is_public_key(key, KeyKind.ACCOUNT) and (not self.shard or os.path.basename(folder) == key[-2:]):
+                    yield key
+                else:
+                    log.warn(
+                        "ignoring {path}: the name is not <account key>.jwt in the expected folder",
+                        path=os.path.join(folder, name),
+                    )
+
+    def get(self, key: str) -> StoredJWT | None:
+        """Return the stored JWT of *key*, reading its file when it changed or is not cached.
+
+        A cached file is checked against the disk at most every RECHECK_INTERVAL seconds.
+        """
+        now = time.monotonic()
+        cached = self._cache.get(key)
+        if cached is not None and now - cached.checked_at < RECHECK_INTERVAL:
+            self._cache.move_to_end(key)
+            return cached.entry
+
+        if not is_account_key(key):
+            return None
+        path = self._path(key)
+        try:
+            status = os.stat(path)
+        except OSError:
+            self._cache.pop(key, None)
+            self._keys.discard(key)
+            return None
+
+        stamp = (status.st_mtime_ns, status.st_size, status.st_ino)
+        if cached is not None and cached.stamp == stamp:
+            cached.checked_at = now
+            self._cache.move_to_end(key)
+            return cached.entry
+
+        entry = _read_entry(path)
+        self._remember(key, stamp, entry)
+        return entry
+
+    def keys(self) -> Iterator[str]:
+        return iter(sorted(self._keys))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def _remember(self, key: str, stamp: FileStamp, entry: StoredJWT | None) -> None:
+        """Cache a parsed file (or None for a file that cannot be served, so it is logged once)."""
+        self._cache[key] = _CachedFile(stamp, entry, time.monotonic())
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        if entry is not None:
+            self._keys.add(key)
 
     def save(self, token: Token) -> Deferred[bool]:
         return self._serialized(token.subject, lambda: self._save_to_disk(token))
 
     def _save_to_disk(self, token: Token) -> Deferred[bool]:
-        entry = self._check(token)
+        entry = self._check(token, self.get(token.subject))
         if entry is None:
             return succeed(False)
         path = self.path_for(entry.key)
         written = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), write_durably, path, entry.raw)
 
-        def written_ok(_: object) -> bool:
-            self._index[entry.key] = entry
+        def written_ok(stamp: FileStamp) -> bool:
+            self._remember(entry.key, stamp, entry)
             return True
 
         return written.addCallback(written_ok)
 
 
-def write_durably(path: str, data: bytes) -> None:
-    """Replace *path* with *data* atomically, syncing the file and its folder."""
+def write_durably(path: str, data: bytes) -> FileStamp:
+    """Replace *path* with *data* atomically, syncing the file and its folder.
+
+    Returns the new file's stamp: (mtime in ns, size, inode).
+    """
     folder = os.path.dirname(path)
     temporary = os.path.join(
         folder, f".{os.path.basename(path)}.{os.getpid()}.{binascii.hexlify(os.urandom(4)).decode()}.tmp"
@@ -243,6 +348,7 @@ def write_durably(path: str, data: bytes) -> None:
             while view:
                 view = view[os.write(descriptor, view) :]
             os.fsync(descriptor)
+            status = os.fstat(descriptor)
         finally:
             os.close(descriptor)
         os.replace(temporary, path)
@@ -253,6 +359,7 @@ def write_durably(path: str, data: bytes) -> None:
         except OSError:
             pass
         raise StoreError(f"writing {path} failed: {error.strerror or error}") from error
+    return (status.st_mtime_ns, status.st_size, status.st_ino)
 
 
 def _sync_folder(folder: str) -> None:

@@ -8,8 +8,10 @@ import tempfile
 
 import nkeys
 from twisted.internet import reactor
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
 
+from nasd import store as store_module
 from nasd.jwt import Token, decode_account
 from nasd.store import DirectoryStore, MemoryStore, ReadOnlyStoreError, StaleJWTError, StoreError
 from tests.tokens import (
@@ -176,7 +178,68 @@ class DirectoryStoreTests(unittest.TestCase):
         with open(os.path.join(self.folder, SHOP + ".jwt"), "wb") as file:
             file.write(b"garbage")
         store = self._open()
+        self.assertIsNone(store.get(ACME))
+        self.assertIsNone(store.get(SHOP))
+        self.assertNotIn("notes", list(store.keys()))
+
+    def test_bad_file_logged_once(self):
+        os.makedirs(self.folder)
+        with open(os.path.join(self.folder, SHOP + ".jwt"), "wb") as file:
+            file.write(b"garbage")
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        store = self._open()
+        for _ in range(3):
+            self.assertIsNone(store.get(SHOP))
+        warnings = [event for event in events if event.get("log_level") == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+
+    async def test_external_replacement_served(self):
+        self.patch(store_module, "RECHECK_INTERVAL", 0)
+        store = self._open()
+        await store.save(_account(SHOP, 1))
+        replacement = _account(SHOP, 2)
+        temporary = store.path_for(SHOP) + ".new"
+        with open(temporary, "wb") as file:
+            file.write(replacement.raw)
+        os.replace(temporary, store.path_for(SHOP))
+        self.assertEqual(store.get(SHOP).raw, replacement.raw)
+
+    async def test_deleted_file_not_served(self):
+        self.patch(store_module, "RECHECK_INTERVAL", 0)
+        store = self._open()
+        await store.save(_account(SHOP, 1))
+        os.unlink(store.path_for(SHOP))
+        self.assertIsNone(store.get(SHOP))
         self.assertEqual(len(store), 0)
+
+    async def test_recheck_waits_for_interval(self):
+        self.patch(store_module, "RECHECK_INTERVAL", 3600)
+        store = self._open()
+        first = _account(SHOP, 1)
+        await store.save(first)
+        os.unlink(store.path_for(SHOP))
+        self.assertEqual(store.get(SHOP).raw, first.raw)
+
+    async def test_cache_stays_bounded(self):
+        store = DirectoryStore(reactor, self.folder, shard=True, cache_size=2)
+        store.open()
+        keys = [public_key(new_seed(nkeys.PREFIX_BYTE_ACCOUNT)) for _ in range(4)]
+        for key in keys:
+            await store.save(_account(key, 1))
+        self.assertEqual(len(store._cache), 2)
+        self.assertEqual(len(store), 4)
+        for key in keys:
+            self.assertEqual(store.get(key).key, key)
+
+    def test_open_counts_existing_files(self):
+        os.makedirs(os.path.join(self.folder, SHOP[-2:]))
+        with open(os.path.join(self.folder, SHOP[-2:], SHOP + ".jwt"), "wb") as file:
+            file.write(fixture_jwt("SHOP"))
+        store = self._open(shard=True)
+        self.assertEqual(list(store.keys()), [SHOP])
+        self.assertEqual(store.get(SHOP).raw, fixture_jwt("SHOP"))
 
     def test_open_creates_missing_folder(self):
         self._open()
