@@ -7,6 +7,7 @@ against the folder of the configuration file.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -174,7 +175,7 @@ class _Reader:
             name = f"{prefix}{key}"
             entry = schema.get(key.lower())
             if entry is None:
-                self.warnings.append(f"unknown configuration key {name!r} is ignored")
+                self.warnings.append(_unknown_key_warning(name, key, schema))
                 continue
             field_name, convert = entry
             values[field_name] = convert(self, value, name)
@@ -182,6 +183,14 @@ class _Reader:
 
     def path(self, value: str) -> str:
         return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(value)))
+
+
+def _unknown_key_warning(name: str, key: str, schema: Mapping[str, Any]) -> str:
+    warning = f"unknown configuration key {name!r} is ignored"
+    close = difflib.get_close_matches(key.lower(), list(schema), n=1, cutoff=0.75)
+    if close:
+        warning += f"; did you mean {close[0]!r}?"
+    return warning
 
 
 def _string(reader: _Reader, value: Any, key: str) -> str:

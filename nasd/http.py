@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Any, Protocol
 
@@ -161,7 +162,10 @@ class AccountServerAPI:
 
     def _check_issuer(self, token: Token) -> None:
         if self.operator is None:
-            raise JWTError("no operator is configured on this account server, so no account JWT can be trusted")
+            raise JWTError(
+                "no operator is configured on this account server, so no account JWT can be trusted; "
+                "set operator (the operator JWT file) in its configuration"
+            )
         if self.operator.trusts(token.issuer):
             return
         if token.issuer == token.subject:
@@ -209,7 +213,7 @@ class AccountServerAPI:
                 connected=self.publisher.connected,
                 server=self.publisher.server_url,
                 pending_updates=self.publisher.pending_count,
-                last_published=self.publisher.last_published,
+                last_published=_iso_time(self.publisher.last_published),
             )
         body = json.dumps(report, indent=2).encode() + b"\n"
         request.setHeader(b"Cache-Control", b"no-store")
@@ -350,6 +354,13 @@ def _body(request: IRequest, code: int, body: bytes, content_type: bytes) -> byt
 def _text(request: IRequest, code: int, message: str) -> bytes:
     body = message if message.endswith("\n") else message + "\n"
     return _body(request, code, body.encode("utf-8"), b"text/plain; charset=utf-8")
+
+
+def _iso_time(seconds: float | None) -> str | None:
+    """Format Unix seconds as an ISO 8601 UTC time, or None."""
+    if seconds is None:
+        return None
+    return datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC).isoformat(timespec="seconds")
 
 
 def _peer(request: IRequest) -> str:

@@ -496,8 +496,10 @@ class NATSClientProtocol(Protocol):
             )
             return
         self.log.error(
-            "NATS server {server} rejected the connection with '{error}'; "
-            "check the user JWT and seed in creds file {creds_file} (user {user})",
+            "NATS server {server} rejected the connection with '{error}'; check the user "
+            "JWT and seed in creds file {creds_file} (user {user}), and that nats-server "
+            "can resolve the user's account: with a URL resolver, store the system "
+            "account JWT in nasd before nats-server starts",
             server=self.server_url,
             error=text,
             creds_file=credentials.path,

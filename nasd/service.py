@@ -145,7 +145,7 @@ def build_service(reactor: Any, config: Config) -> NasService:
     log.info("starting nasd {version}", version=__version__)
     log.info("configuration file: {path}", path=config.config_file or "(none; built-in defaults)")
     for warning in config.warnings:
-        log.warn("configuration: {warning}", warning=warning)
+        log.warn("{path}: {warning}", path=config.config_file, warning=warning)
     for name in ("time", "colors", "pid"):
         if getattr(config.logging, name) != getattr(type(config.logging)(), name):
             log.warn("logging.{name} has no effect: twistd formats the log lines", name=name)
@@ -166,7 +166,7 @@ def build_service(reactor: Any, config: Config) -> NasService:
 
 def load_operator(config: Config) -> Operator | None:
     if config.operator is None:
-        log.warn("no operator is configured: every upload will be rejected; set operatorjwtpath or operator")
+        log.warn("no operator is configured: every upload will be rejected; set operator (or operatorjwtpath)")
         return None
     source = "the inline operator JWT" if config.operator_is_inline else config.operator
     try:

@@ -9,6 +9,7 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
+from nasd import __version__
 from nasd import config as configuration
 from nasd.config import Config, ConfigError
 
@@ -33,6 +34,11 @@ class Options(usage.Options):
         ["debug", "D", "Log debug messages (logging.debug)."],
         ["trace", "V", "Log every NATS protocol line at debug level (logging.trace)."],
     ]
+
+    def opt_version(self) -> None:
+        """Print the nasd version and exit."""
+        print(f"nasd {__version__}")
+        raise SystemExit(0)
 
     def postOptions(self) -> None:
         if self["hp"] is not None:

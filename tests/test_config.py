@@ -78,7 +78,12 @@ def test_single_server_string(tmp_path):
 def test_unknown_keys_warned(tmp_path):
     config = _load(tmp_path, "colour: red\nhttp { prot: 1 }\n")
     assert "unknown configuration key 'colour' is ignored" in config.warnings
-    assert "unknown configuration key 'http.prot' is ignored" in config.warnings
+    assert "unknown configuration key 'http.prot' is ignored; did you mean 'port'?" in config.warnings
+
+
+def test_misspelt_operator_suggested(tmp_path):
+    config = _load(tmp_path, "opertor: op.jwt\n")
+    assert config.warnings == ("unknown configuration key 'opertor' is ignored; did you mean 'operator'?",)
 
 
 def test_environment_variable_reference(tmp_path):

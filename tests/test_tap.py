@@ -197,3 +197,10 @@ def test_site_applies_http_timeouts(folder):
     assert service.site.timeOut == 7.0
     assert channel.abortTimeout == 3.0
     assert service.site.access_log is False
+
+
+def test_version_option_prints_nasd_version(capsys):
+    with pytest.raises(SystemExit) as raised:
+        _options("--version")
+    assert raised.value.code == 0
+    assert capsys.readouterr().out.strip().startswith("nasd ")
