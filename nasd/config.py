@@ -15,11 +15,43 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nasd import conf
+from nasd.jwt import is_valid_subject
 from nasd.keys import is_account_key
 
 
 class ConfigError(ValueError):
     """A configuration value that nasd cannot use."""
+
+
+@dataclass(frozen=True)
+class ServerTLSConfig:
+    """HTTPS settings: certificate and key files, and client certificate checking.
+
+    With ``verify`` true, clients must present a certificate signed by the CA in ``ca``.
+    """
+
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    verify: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None or self.key is not None
+
+
+@dataclass(frozen=True)
+class ClientTLSConfig:
+    """TLS settings for connections to NATS: a CA file to verify servers, and a client
+    certificate and key. Any of them turns TLS on."""
+
+    root: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None or self.cert is not None or self.key is not None
 
 
 @dataclass(frozen=True)
@@ -30,6 +62,7 @@ class HTTPConfig:
     port: int = 9090
     read_timeout: float = 5.0
     write_timeout: float = 5.0
+    tls: ServerTLSConfig = field(default_factory=ServerTLSConfig)
 
 
 @dataclass(frozen=True)
@@ -39,6 +72,7 @@ class StoreConfig:
     dir: str | None = None
     readonly: bool = False
     shard: bool = False
+    nsc: str | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +84,7 @@ class NATSConfig:
     connect_timeout: float = 5.0
     reconnect_wait: float = 1.0
     max_reconnects: int = -1
+    tls: ClientTLSConfig = field(default_factory=ClientTLSConfig)
 
 
 @dataclass(frozen=True)
@@ -75,6 +110,11 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     nats: NATSConfig = field(default_factory=NATSConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sign_request_subject: str | None = None
+    sign_request_timeout: float = 1.0
+    primary: str | None = None
+    replication_timeout: float = 5.0
+    max_replication_pack: int = 10_000
     warnings: tuple[str, ...] = ()
 
     @property
@@ -115,20 +155,36 @@ def from_mapping(data: Mapping[str, Any], base_dir: str, config_file: str | None
         raise ConfigError(f"system_account: {system_account[:60]!r} is not a valid account public key")
 
     store = StoreConfig(**root.get("store", {}))
-    if store.readonly and store.dir is None:
-        raise ConfigError("store.readonly: a read-only store needs store.dir, the folder to serve")
+    check_store(store)
+    http = root.get("http", {})
+    nats = root.get("nats", {})
 
     return Config(
         config_file=config_file,
         operator=operator,
         system_account_jwt_path=root.get("systemaccountjwtpath"),
         system_account=system_account,
-        http=HTTPConfig(**root.get("http", {})),
+        http=HTTPConfig(**{**http, "tls": ServerTLSConfig(**http.get("tls", {}))}),
         store=store,
-        nats=NATSConfig(**root.get("nats", {})),
+        nats=NATSConfig(**{**nats, "tls": ClientTLSConfig(**nats.get("tls", {}))}),
         logging=LoggingConfig(**root.get("logging", {})),
+        sign_request_subject=root.get("signrequestsubject"),
+        sign_request_timeout=root.get("signrequesttimeout", 1.0),
+        primary=root.get("primary"),
+        replication_timeout=root.get("replicationtimeout", 5.0),
+        max_replication_pack=root.get("maxreplicationpack", 10_000),
         warnings=tuple(reader.warnings),
     )
+
+
+def check_store(store: StoreConfig) -> None:
+    """Reject store settings that contradict each other; raise ConfigError."""
+    if store.nsc is not None and store.dir is not None:
+        raise ConfigError(
+            "store.nsc and store.dir cannot both be set: serve either an nsc operator folder or a store folder"
+        )
+    if store.readonly and store.dir is None and store.nsc is None:
+        raise ConfigError("store.readonly: a read-only store needs store.dir, the folder to serve")
 
 
 def with_overrides(config: Config, **changes: Any) -> Config:
@@ -233,6 +289,20 @@ def _positive_duration(reader: _Reader, value: Any, key: str) -> float:
     return seconds
 
 
+def _subject(reader: _Reader, value: Any, key: str) -> str:
+    subject = _string(reader, value, key)
+    if not is_valid_subject(subject, wildcards=False):
+        raise ConfigError(f'{key}: expected a NATS subject without wildcards, such as "nasd.sign", got {value!r}')
+    return subject
+
+
+def _url(reader: _Reader, value: Any, key: str) -> str:
+    url = _string(reader, value, key)
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise ConfigError(f"{key}: expected an http:// or https:// URL, got {value!r}")
+    return url
+
+
 def _servers(reader: _Reader, value: Any, key: str) -> tuple[str, ...]:
     items = value if isinstance(value, list) else [value]
     if not all(isinstance(item, str) and item for item in items):
@@ -247,16 +317,29 @@ def _map(schema: Mapping[str, tuple[str, Callable[..., Any]]]) -> Callable[[_Rea
     return convert
 
 
+_SERVER_TLS_KEYS = {
+    "cert": ("cert", _path),
+    "key": ("key", _path),
+    "ca": ("ca", _path),
+    "verify": ("verify", _boolean),
+}
+_CLIENT_TLS_KEYS = {
+    "root": ("root", _path),
+    "cert": ("cert", _path),
+    "key": ("key", _path),
+}
 _HTTP_KEYS = {
     "host": ("host", _string),
     "port": ("port", _port),
     "readtimeout": ("read_timeout", _duration),
     "writetimeout": ("write_timeout", _duration),
+    "tls": ("tls", _map(_SERVER_TLS_KEYS)),
 }
 _STORE_KEYS = {
     "dir": ("dir", _path),
     "readonly": ("readonly", _boolean),
     "shard": ("shard", _boolean),
+    "nsc": ("nsc", _path),
 }
 _NATS_KEYS = {
     "servers": ("servers", _servers),
@@ -264,6 +347,7 @@ _NATS_KEYS = {
     "connecttimeout": ("connect_timeout", _positive_duration),
     "reconnectwait": ("reconnect_wait", _positive_duration),
     "maxreconnects": ("max_reconnects", _integer),
+    "tls": ("tls", _map(_CLIENT_TLS_KEYS)),
 }
 _LOGGING_KEYS = {name: (name, _boolean) for name in ("time", "debug", "trace", "colors", "pid")}
 _ROOT_KEYS = {
@@ -276,4 +360,9 @@ _ROOT_KEYS = {
     "store": ("store", _map(_STORE_KEYS)),
     "nats": ("nats", _map(_NATS_KEYS)),
     "logging": ("logging", _map(_LOGGING_KEYS)),
+    "signrequestsubject": ("signrequestsubject", _subject),
+    "signrequesttimeout": ("signrequesttimeout", _positive_duration),
+    "primary": ("primary", _url),
+    "replicationtimeout": ("replicationtimeout", _positive_duration),
+    "maxreplicationpack": ("maxreplicationpack", _integer),
 }

@@ -25,6 +25,8 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "Configuration file in nats-server syntax."],
         ["dir", None, None, "Folder to store account JWTs in (store.dir)."],
+        ["nsc", None, None, "nsc operator folder to serve read-only (store.nsc); replaces --dir."],
+        ["primary", None, None, "URL of an account server to import JWTs from at startup (primary)."],
         ["operator", None, None, "Operator JWT file, or the JWT itself (operator)."],
         ["nats", None, None, "NATS server URL(s) for claim updates, comma-separated (nats.servers)."],
         ["creds", None, None, "Creds file of a system account user (nats.usercredentials)."],
@@ -33,6 +35,7 @@ class Options(usage.Options):
     optFlags = [
         ["debug", "D", "Log debug messages (logging.debug)."],
         ["trace", "V", "Log every NATS protocol line at debug level (logging.trace)."],
+        ["ro", None, "Serve the store without accepting uploads (store.readonly)."],
     ]
 
     def opt_version(self) -> None:
@@ -50,6 +53,12 @@ class Options(usage.Options):
             self["nats"] = servers
         if self["config"] is not None and not os.path.isfile(os.path.expanduser(self["config"])):
             raise usage.UsageError(f"--config: {self['config']} is not a file")
+        if self["dir"] is not None and self["nsc"] is not None:
+            raise usage.UsageError(
+                "--dir and --nsc cannot be used together: serve either a store folder or an nsc folder"
+            )
+        if self["primary"] is not None and not re.match(r"^https?://[^/\s]+", self["primary"]):
+            raise usage.UsageError(f"--primary: expected an http:// or https:// URL, got {self['primary']!r}")
 
 
 def parse_host_port(value: str) -> tuple[str, int]:
@@ -69,9 +78,15 @@ def build_config(options: Options | dict[str, Any]) -> Config:
     config = configuration.load(options["config"]) if options["config"] else Config()
     here = os.getcwd()
     if options["dir"] is not None:
-        config = configuration.with_overrides(
-            config, store={"dir": os.path.abspath(os.path.expanduser(options["dir"]))}
-        )
+        folder = os.path.abspath(os.path.expanduser(options["dir"]))
+        config = configuration.with_overrides(config, store={"dir": folder, "nsc": None})
+    if options["nsc"] is not None:
+        folder = os.path.abspath(os.path.expanduser(options["nsc"]))
+        config = configuration.with_overrides(config, store={"nsc": folder, "dir": None})
+    if options["ro"]:
+        config = configuration.with_overrides(config, store={"readonly": True})
+    if options["primary"] is not None:
+        config = configuration.with_overrides(config, primary=options["primary"])
     if options["operator"] is not None:
         value = options["operator"]
         if not value.startswith("eyJ"):
@@ -90,6 +105,7 @@ def build_config(options: Options | dict[str, Any]) -> Config:
         config = configuration.with_overrides(config, logging={"debug": True})
     if options["trace"]:
         config = configuration.with_overrides(config, logging={"trace": True})
+    configuration.check_store(config.store)
     return config
 
 

@@ -135,3 +135,44 @@ def test_durations():
 def test_zero_nats_wait_rejected(tmp_path, key):
     with pytest.raises(ConfigError, match=f"nats.{key}: must be greater than zero"):
         _load(tmp_path, f"nats {{ {key}: 0 }}")
+
+
+def test_tls_and_service_keys(tmp_path):
+    config = _load(
+        tmp_path,
+        """
+        http { tls { cert: c.pem, key: k.pem, ca: ca.pem, verify: true } }
+        nats { tls { root: ca.pem } }
+        store { nsc: ops/demo }
+        signrequestsubject: nasd.sign
+        signrequesttimeout: "2s"
+        primary: "https://primary.example:9090"
+        replicationtimeout: 3000
+        maxreplicationpack: 500
+        """,
+    )
+    assert config.http.tls.cert == str(tmp_path / "c.pem")
+    assert config.http.tls.verify is True
+    assert config.http.tls.enabled
+    assert config.nats.tls.root == str(tmp_path / "ca.pem")
+    assert config.nats.tls.enabled
+    assert config.store.nsc == str(tmp_path / "ops" / "demo")
+    assert config.sign_request_subject == "nasd.sign"
+    assert config.sign_request_timeout == 2.0
+    assert config.primary == "https://primary.example:9090"
+    assert config.replication_timeout == 3.0
+    assert config.max_replication_pack == 500
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("store { nsc: a, dir: b }", "cannot both be set"),
+        ("signrequestsubject: 'a.*'", "without wildcards"),
+        ("primary: ftp://x", "http:// or https://"),
+        ("http { tls { verify: \"yes\" } }", "http.tls.verify: expected true or false"),
+    ],
+)
+def test_service_keys_rejected(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        _load(tmp_path, text)

@@ -204,3 +204,24 @@ def test_version_option_prints_nasd_version(capsys):
         _options("--version")
     assert raised.value.code == 0
     assert capsys.readouterr().out.strip().startswith("nasd ")
+
+
+def test_nsc_option_replaces_dir(folder):
+    path = os.path.join(folder, "nas.conf")
+    with open(path, "w") as file:
+        file.write("store { dir: jwt }\n")
+    config = tap.build_config(_options("-c", path, "--nsc", folder, "--ro"))
+    assert config.store.nsc == folder
+    assert config.store.dir is None
+    assert config.store.readonly is True
+
+
+def test_dir_and_nsc_together_rejected(folder):
+    with pytest.raises(usage.UsageError, match="--dir and --nsc"):
+        _options("--dir", folder, "--nsc", folder)
+
+
+def test_primary_option_checked():
+    with pytest.raises(usage.UsageError, match="--primary"):
+        _options("--primary", "primary:9090")
+    assert tap.build_config(_options("--primary", "http://127.0.0.1:9090")).primary == "http://127.0.0.1:9090"
