@@ -150,6 +150,7 @@ def build_service(reactor: Any, config: Config) -> NasService:
         if getattr(config.logging, name) != getattr(type(config.logging)(), name):
             log.warn("logging.{name} has no effect: twistd formats the log lines", name=name)
 
+    reject_unsupported(config)
     operator = load_operator(config)
     system_account = load_system_account(config, operator)
     store = open_store(reactor, config)
@@ -162,6 +163,20 @@ def build_service(reactor: Any, config: Config) -> NasService:
 
     api = AccountServerAPI(reactor, store, operator, publisher, system_account)
     return NasService(reactor, config, api, publisher)
+
+
+def reject_unsupported(config: Config) -> None:
+    """Stop startup for settings this version accepts but does not implement yet."""
+    unsupported = [
+        (config.http.tls.enabled, "http.tls (HTTPS)"),
+        (config.nats.tls.enabled, "nats.tls (TLS to NATS)"),
+        (config.store.nsc is not None, "store.nsc (serving an nsc folder)"),
+        (config.sign_request_subject is not None, "signrequestsubject (a signing service)"),
+        (config.primary is not None, "primary (importing from another account server)"),
+    ]
+    for configured, name in unsupported:
+        if configured:
+            raise StartupError(f"{name} is not supported by nasd {__version__} yet; remove it from the configuration")
 
 
 def load_operator(config: Config) -> Operator | None:
