@@ -22,7 +22,7 @@ class CertificateFiles:
 
 
 @dataclass(frozen=True)
-class TestPKI:
+class PKI:
     """A CA plus a server certificate (for localhost and 127.0.0.1) and a client certificate."""
 
     ca: Path
@@ -106,13 +106,13 @@ def _issue(
     return files
 
 
-def make_pki(folder: Path) -> TestPKI:
+def make_pki(folder: Path) -> PKI:
     """Write a CA, a server and a client certificate, and a second CA with a client
     certificate that the first CA does not trust, into *folder*."""
     folder.mkdir(parents=True, exist_ok=True)
     ca_path, ca_cert, ca_key = _make_ca(folder, "test-ca")
     other_path, other_cert, other_key = _make_ca(folder, "other-ca")
-    return TestPKI(
+    return PKI(
         ca=ca_path,
         server=_issue(folder, "server", ca_cert, ca_key, ExtendedKeyUsageOID.SERVER_AUTH),
         client=_issue(folder, "client", ca_cert, ca_key, ExtendedKeyUsageOID.CLIENT_AUTH),
