@@ -13,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import nats
 from twisted.internet import reactor
@@ -67,26 +67,41 @@ def read_jwt(path: str) -> bytes:
 
 
 class NATSServerProcess:
-    """A nats-server subprocess in operator mode with a MEMORY resolver on 127.0.0.1."""
+    """A nats-server subprocess in operator mode with a MEMORY resolver on 127.0.0.1.
 
-    def __init__(self, directory: str, port: int) -> None:
+    ``preload`` maps account public keys to the JWT files the resolver starts with
+    (the system account by default), and ``extra`` is appended to the configuration.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        port: int,
+        name: str = "nats-server",
+        preload: Mapping[str, str] | None = None,
+        extra: str = "",
+    ) -> None:
         self.port = port
-        self.config_path = os.path.join(directory, "nats-server.conf")
-        self.log_path = os.path.join(directory, "nats-server.log")
+        self.name = name
+        self.config_path = os.path.join(directory, f"{name}.conf")
+        self.log_path = os.path.join(directory, f"{name}.log")
         self.process: subprocess.Popen[bytes] | None = None
-        system_jwt = read_jwt(SYS_ACCOUNT_JWT).decode()
+        accounts = preload if preload is not None else {SYS_ACCOUNT: SYS_ACCOUNT_JWT}
+        entries = "".join(f'  {key}: "{read_jwt(path).decode()}"\n' for key, path in accounts.items())
         with open(self.config_path, "w", encoding="utf-8") as config:
             config.write(
+                f"server_name: {name}\n"
                 f"listen: 127.0.0.1:{port}\n"
                 f"operator: {OPERATOR_JWT}\n"
                 f"system_account: {SYS_ACCOUNT}\n"
                 "resolver: MEMORY\n"
-                f'resolver_preload: {{\n  {SYS_ACCOUNT}: "{system_jwt}"\n}}\n'
+                f"resolver_preload: {{\n{entries}}}\n"
+                f"{extra}"
             )
 
     def start(self, binary: str) -> None:
         """Start the server and block until its port accepts connections."""
-        with open(self.log_path, "wb") as log_file:
+        with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
                 [binary, "-c", self.config_path],
                 stdout=log_file,
@@ -107,11 +122,15 @@ class NATSServerProcess:
         )
 
     def stop(self) -> None:
-        """Kill the server process that start() launched, by its PID."""
+        """Kill the server process that start() launched, by its PID, and wait for it to exit."""
         if self.process is None or self.process.poll() is not None:
             return
         self.process.kill()
         self.process.wait(timeout=WAIT_TIMEOUT)
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
 
     def read_log(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as log_file:
@@ -169,13 +188,76 @@ class ClaimUpdateSubscriber:
         self.messages.put((message.subject, message.data))
 
 
-async def wait_until(condition: Callable[[], bool], description: str) -> None:
-    """Poll ``condition`` on the reactor every 50 ms and fail after WAIT_TIMEOUT seconds."""
-    deadline = time.monotonic() + WAIT_TIMEOUT
+class NatsPyClient:
+    """A nats-py client that stays connected, in a thread with its own asyncio loop,
+    until stop(). A user's connection makes nats-server load the user's account."""
+
+    def __init__(self, url: str, creds: str) -> None:
+        self.url = url
+        self.creds = creds
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=asyncio.run, args=(self._run(),), daemon=True)
+
+    def start(self) -> None:
+        """Start the thread and block until the connection is established."""
+        self._thread.start()
+        if not self._ready.wait(WAIT_TIMEOUT):
+            raise AssertionError(f"the nats-py client did not connect to {self.url} within {WAIT_TIMEOUT} s")
+        if self._error is not None:
+            raise AssertionError(f"the nats-py client failed to connect to {self.url}: {self._error!r}")
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(WAIT_TIMEOUT)
+
+    async def _run(self) -> None:
+        try:
+            client = await nats.connect(
+                self.url,
+                user_credentials=self.creds,
+                connect_timeout=WAIT_TIMEOUT,
+                allow_reconnect=False,
+            )
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            await client.flush(timeout=WAIT_TIMEOUT)
+        except Exception as error:  # noqa: BLE001 - start() reports it in the test thread
+            self._error = error
+            self._ready.set()
+            return
+
+        self._ready.set()
+        await self._stop.wait()
+        if not client.is_closed:
+            await client.close()
+
+
+async def wait_until(condition: Callable[[], bool], description: str, timeout: float = WAIT_TIMEOUT) -> None:
+    """Poll ``condition`` on the reactor every 50 ms and fail after *timeout* seconds."""
+    deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {WAIT_TIMEOUT} s waiting until {description}")
+            raise AssertionError(f"timed out after {timeout} s waiting until {description}")
         await deferLater(reactor, 0.05, lambda: None)
+
+
+class LogCollector:
+    """Collect the formatted log lines published while a test runs, by level."""
+
+    def __init__(self, test: TestCase) -> None:
+        self.events: list[LogEvent] = []
+        globalLogPublisher.addObserver(self.events.append)
+        test.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def lines(self, level: LogLevel | None = None) -> list[str]:
+        return [formatEvent(event) for event in self.events if level is None or event.get("log_level") == level]
+
+    def matching(self, fragment: str, level: LogLevel | None = None) -> list[str]:
+        return [line for line in self.lines(level) if fragment in line]
 
 
 class LiveClaimUpdateTests(TestCase):
