@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
+from collections.abc import Coroutine
 from typing import Any, Protocol
 
 from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from nasd import __version__
+from nasd.activations import (
+    ActivationStore,
+    MemoryActivationStore,
+    StaleActivationError,
+    StoredActivation,
+    check_activation,
+    parse_hash_id,
+)
 from nasd.jwt import JWTError, Operator, Token, account_problems, decode, decode_account, render_decoded
 from nasd.keys import is_account_key, short_key
 from nasd.logs import observer
@@ -34,6 +45,15 @@ NO_STORE = (
     (b"Expires", b"0"),
 )
 
+# CORS: a page from any origin may read the API (GET, HEAD) and upload to it (POST).
+# No Access-Control-Allow-Credentials is sent, so browsers send no cookies or HTTP
+# authentication with these requests.
+CORS_METHODS = (b"GET", b"HEAD", b"POST")
+CORS_DEFAULT_HEADERS = b"Content-Type, If-None-Match"
+# How long, in seconds, a browser may cache the response to a preflight request.
+CORS_MAX_AGE = b"7200"
+_HEADER_NAMES = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
+
 
 class ClaimPublisher(Protocol):
     """The NATS side as the API sees it: a queue for updates and the connection state."""
@@ -49,6 +69,9 @@ class ClaimPublisher(Protocol):
 
     @property
     def last_published(self) -> float | None: ...
+
+    @property
+    def last_acknowledged(self) -> float | None: ...
 
     def publish_account_update(self, account: str, jwt: bytes) -> None: ...
 
@@ -66,12 +89,14 @@ class AccountServerAPI:
         operator: Operator | None,
         publisher: ClaimPublisher | None = None,
         system_account: Token | None = None,
+        activations: ActivationStore | None = None,
     ) -> None:
         self.clock = clock
         self.store = store
         self.operator = operator
         self.publisher = publisher
         self.system_account = system_account
+        self.activations = activations if activations is not None else MemoryActivationStore(store.readonly)
         self.in_flight: set[Deferred[bool]] = set()
 
     def resource(self) -> Resource:
@@ -103,7 +128,7 @@ class AccountServerAPI:
             return _text(request, 404, f"the JWT for account {key} expired at {entry.expires}")
         if _flag(request, b"notify"):
             self._notify(entry, "a notify=true request")
-        return self._send_jwt(request, entry)
+        return self._send_jwt(request, entry, f"account {short_key(key)}")
 
     @app.route("/jwt/v1/accounts/<key>", methods=["POST"])
     @app.route("/jwt/v1//accounts/<key>", methods=["POST"])
@@ -182,6 +207,76 @@ class AccountServerAPI:
             f"({self.operator.key}) nor one of its signing keys"
         )
 
+    @app.route("/jwt/v1/activations", methods=["POST"])
+    async def post_activation(self, request: IRequest) -> bytes:
+        if self.activations.readonly:
+            return _text(request, 405, "this account server is read-only: its store does not accept uploads")
+        body = request.content.read(MAX_BODY_SIZE + 1)
+        if len(body) > MAX_BODY_SIZE:
+            return _text(request, 413, f"the request body is larger than {MAX_BODY_SIZE} bytes")
+
+        try:
+            activation = check_activation(body, self._account_jwt, self.operator, self.clock.seconds())
+        except JWTError as error:
+            log.info("rejected activation JWT - {reason}", reason=error)
+            return _text(request, 400, str(error))
+
+        try:
+            changed = await self._track(self.activations.save(activation))
+        except StaleActivationError as error:
+            log.info("rejected activation JWT - {reason}", reason=error)
+            return _text(request, 409, f"{error}; push an activation JWT issued later than the stored one")
+        except ReadOnlyStoreError:
+            return _text(request, 405, "this account server is read-only: its store does not accept uploads")
+        except StoreError as error:
+            log.error("storing activation JWT {hash_id} failed: {error}", hash_id=activation.hash_id, error=error)
+            return _text(request, 500, "storing the activation JWT failed; nothing was changed, try again")
+
+        issuer, hash_id = short_key(activation.issuer), activation.hash_id
+        if changed:
+            log.info("updated activation JWT - {issuer} - {hash_id}", issuer=issuer, hash_id=hash_id)
+        else:
+            log.info("same activation JWT pushed again - {issuer} - {hash_id}", issuer=issuer, hash_id=hash_id)
+        self._notify_activation(activation, "an upload")
+        return _body(request, 200, b"", b"text/plain; charset=utf-8")
+
+    @app.route("/jwt/v1/activations/<text>", methods=["GET"])
+    def get_activation(self, request: IRequest, text: str) -> bytes:
+        # werkzeug has already percent-decoded *text*, so "%3D" arrives as "=".
+        hash_id = parse_hash_id(text)
+        if hash_id is None:
+            return _text(request, 404, f"{text[:60]!r} is not an activation hash id (56 base32 characters)")
+        entry = self.activations.get(hash_id)
+        if entry is None:
+            return _text(request, 404, f"no activation JWT is stored for hash id {hash_id}")
+
+        if _flag(request, b"check") and 0 < entry.expires < self.clock.seconds():
+            return _text(request, 404, f"the activation JWT {hash_id} expired at {entry.expires}")
+        if _flag(request, b"notify"):
+            self._notify_activation(entry, "a notify=true request")
+        return self._send_jwt(request, entry, f"activation {hash_id}")
+
+    def _account_jwt(self, key: str) -> bytes | None:
+        entry = self._lookup(key)
+        return entry.raw if entry is not None else None
+
+    def _notify_activation(self, entry: StoredActivation, reason: str) -> None:
+        # A publisher without publish_activation_update cannot announce activations, so
+        # they are then stored and served only.
+        publish = getattr(self.publisher, "publish_activation_update", None)
+        if publish is None:
+            log.debug(
+                "not publishing activation JWT {hash_id} after {reason}: {why}",
+                hash_id=entry.hash_id,
+                reason=reason,
+                why="NATS is not configured" if self.publisher is None else "the publisher cannot send activations",
+            )
+            return
+        try:
+            publish(entry.account, entry.hash_id, entry.raw)
+        except ValueError as error:
+            log.error("publishing activation JWT {hash_id} failed: {error}", hash_id=entry.hash_id, error=error)
+
     @app.route("/jwt/v1/operator", methods=["GET"])
     def get_operator(self, request: IRequest) -> bytes:
         if self.operator is None:
@@ -214,6 +309,7 @@ class AccountServerAPI:
                 server=self.publisher.server_url,
                 pending_updates=self.publisher.pending_count,
                 last_published=_iso_time(self.publisher.last_published),
+                last_acknowledged=_iso_time(self.publisher.last_acknowledged),
             )
         body = json.dumps(report, indent=2).encode() + b"\n"
         request.setHeader(b"Cache-Control", b"no-store")
@@ -257,28 +353,42 @@ class AccountServerAPI:
             return
         self.publisher.publish_account_update(entry.key, entry.raw)
 
-    def _send_jwt(self, request: IRequest, entry: StoredJWT) -> bytes:
+    def _send_jwt(self, request: IRequest, entry: ServedJWT, name: str) -> bytes:
+        """Send a stored JWT in the form the text and decode flags request. *name* identifies it in log lines."""
         if _flag(request, b"decode"):
             try:
                 return _text(request, 200, render_decoded(decode(entry.raw)))
             except JWTError as error:
-                log.error(
-                    "stored JWT for account - {account} - cannot be decoded: {error}",
-                    account=short_key(entry.key),
-                    error=error,
-                )
+                log.error("stored JWT of {name} cannot be decoded: {error}", name=name, error=error)
                 return _text(request, 500, f"the stored JWT cannot be decoded: {error}")
         if _flag(request, b"text"):
             return _body(request, 200, entry.raw, b"text/plain; charset=utf-8")
 
-        return send_account_jwt(request, entry)
+        return send_jwt(request, entry)
 
 
-def send_account_jwt(request: IRequest, entry: StoredJWT) -> bytes:
-    """Send a stored JWT with its ETag, or 304 when the client already has it."""
+class ServedJWT(Protocol):
+    """A stored JWT as the API serves it: an account or an activation."""
+
+    @property
+    def raw(self) -> bytes: ...
+
+    @property
+    def jti(self) -> str: ...
+
+    @property
+    def etag(self) -> bytes: ...
+
+
+def send_jwt(request: IRequest, entry: ServedJWT) -> bytes:
+    """Send a stored JWT with its ETag, or 304 when the client already has it.
+
+    ``Vary: Origin`` is sent because the CORS headers depend on the request's Origin.
+    """
     headers = request.responseHeaders
     headers.setRawHeaders(b"ETag", [entry.etag])
     headers.setRawHeaders(b"Cache-Control", [CACHE_CONTROL])
+    headers.setRawHeaders(b"Vary", [b"Origin"])
     if _etag_matches(request.getHeader(b"If-None-Match"), entry.jti):
         request.setResponseCode(304)
         return b""
@@ -291,6 +401,10 @@ class AccountFastPath(Resource):
     nats-servers fetch accounts in bursts, so this route skips the werkzeug URL map.
     Every other request, including account requests with query flags and unknown keys,
     goes to the Klein app, which gives the same answer for these requests.
+
+    CORS is handled here for every route, and only for requests with an Origin header:
+    preflight requests are answered at once, and other requests get the CORS headers
+    before they are served.
     """
 
     isLeaf = True
@@ -301,13 +415,70 @@ class AccountFastPath(Resource):
         self.app = app
 
     def render(self, request: IRequest) -> Any:
+        if request.requestHeaders.hasHeader(b"origin"):
+            if request.method == b"OPTIONS" and request.requestHeaders.hasHeader(b"access-control-request-method"):
+                return answer_preflight(request)
+            if request.method in CORS_METHODS:
+                add_cors_headers(request)
         if request.method in (b"GET", b"HEAD") and not request.args:
             key = _account_key_in_path(request.path)
             if key is not None and is_account_key(key):
                 entry = self.api.store.get(key)
                 if entry is not None:
-                    return send_account_jwt(request, entry)
+                    return send_jwt(request, entry)
+        elif request.method == b"POST" and not request.args:
+            key = _account_key_in_path(request.path)
+            if key is not None:
+                return render_later(request, self.api.post_account(request, key))
         return self.app.render(request)
+
+
+def _can_write(request: IRequest) -> bool:
+    """Return whether the response is still open: not finished and the client still there."""
+    return not getattr(request, "finished", False) and not getattr(request, "_disconnected", False)
+
+
+def render_later(request: IRequest, response: Coroutine[Any, Any, bytes]) -> object:
+    """Write the body that *response* produces when it is done; for a leaf resource's render."""
+
+    def write(body: bytes) -> None:
+        if _can_write(request):
+            request.write(body)
+            request.finish()
+
+    def fail(failure: Failure) -> None:
+        log.failure("request {method} {path} failed", failure, method=request.method, path=request.path)
+        if _can_write(request):
+            request.write(_text(request, 500, "internal error; see the server log"))
+            request.finish()
+
+    ensureDeferred(response).addCallbacks(write, fail)
+    return NOT_DONE_YET
+
+
+def add_cors_headers(request: IRequest) -> None:
+    """Let a page from any origin read the response, and its ETag."""
+    headers = request.responseHeaders
+    headers.setRawHeaders(b"Access-Control-Allow-Origin", [b"*"])
+    headers.setRawHeaders(b"Access-Control-Expose-Headers", [b"ETag"])
+
+
+def answer_preflight(request: IRequest) -> bytes:
+    """Respond to a CORS preflight request with 204, for any path.
+
+    The requested headers are allowed when they form a list of header names, and
+    CORS_DEFAULT_HEADERS otherwise.
+    """
+    requested = (request.getHeader(b"access-control-request-headers") or b"").strip()
+    valid = 0 < len(requested) <= 1024 and _HEADER_NAMES.fullmatch(requested) is not None
+    headers = request.responseHeaders
+    headers.setRawHeaders(b"Access-Control-Allow-Origin", [b"*"])
+    headers.setRawHeaders(b"Access-Control-Allow-Methods", [b", ".join(CORS_METHODS)])
+    headers.setRawHeaders(b"Access-Control-Allow-Headers", [requested if valid else CORS_DEFAULT_HEADERS])
+    headers.setRawHeaders(b"Access-Control-Max-Age", [CORS_MAX_AGE])
+    headers.setRawHeaders(b"Vary", [b"Origin, Access-Control-Request-Method, Access-Control-Request-Headers"])
+    request.setResponseCode(204)
+    return b""
 
 
 _ACCOUNT_PREFIXES = (b"/jwt/v1/accounts/", b"/jwt/v1//accounts/")
@@ -376,6 +547,9 @@ class BoundedRequest(Request):
     """
 
     max_body_size = MAX_BODY_SIZE
+    # Bodies are JWTs whatever their Content-Type: never parse them as HTML forms into
+    # request.args (a private flag of twisted.web's Request, seen in Twisted 26.10).
+    _parsePOSTFormSubmission = False
     _received = 0
     _rejected = False
 
@@ -422,6 +596,8 @@ resolver. Configure nats-server with:
 
     resolver: URL(http://<host>:<port>/jwt/v1/accounts/)
 
+(https:// when nasd serves HTTPS; see http.tls in the configuration.)
+
 Routes
 
 GET /jwt/v1/accounts/
@@ -451,6 +627,24 @@ POST /jwt/v1/accounts/<account public key>
       413  the body is larger than 1 MiB
       500  the JWT could not be written; nothing was changed
 
+POST /jwt/v1/activations
+    Stores the activation JWT sent as the body (at most 1 MiB, any
+    Content-Type). nsc generate activation --push sends this request. The JWT
+    must be an activation for a stream or service, for an account (sub), valid
+    now, and issued by an account stored here and signed by the operator: by
+    the account's own key, or by one of its signing keys with issuer_account
+    set to the account. Answers like the account upload (200, 400, 405, 409,
+    413, 500); after a 200 the JWT is published on NATS when NATS is
+    configured.
+
+GET /jwt/v1/activations/<hash id>
+    Returns the stored activation JWT, like the account route (ETag, 304 and
+    the text, decode, check and notify flags). The hash id is the one nsc
+    prints: base32 of SHA-256("<iss>.<sub>.<subject>"), 56 characters ending in
+    "====", where <subject> is the import subject cut before its first wildcard
+    token ("_" when that is the first token). The padding may be sent
+    percent-encoded (%3D) or left out.
+
 GET /jwt/v1/operator
     Returns the operator JWT this server trusts (404 when none is configured).
     Takes text=true and decode=true like the account route.
@@ -461,4 +655,10 @@ GET /jwt/v1/help
 GET /healthz
     Returns 200 with a JSON report: the store, the number of accounts, and
     whether NATS is connected, with the number of updates still to publish.
+
+CORS
+    A request with an Origin header gets Access-Control-Allow-Origin: * (no
+    credentials) and may read the ETag header. A preflight request (OPTIONS with
+    Access-Control-Request-Method) gets 204, allowing GET, HEAD and POST and the
+    requested headers.
 """

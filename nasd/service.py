@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 from typing import Any, cast
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL, crypto
 from twisted.application.service import MultiService
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from nasd import __version__, logs
-from nasd.config import Config
+from nasd.activations import open_activation_store
+from nasd.config import Config, ServerTLSConfig, with_overrides
 from nasd.creds import CredentialsFile, CredsError
 from nasd.http import AccountServerAPI, BoundedRequest
 from nasd.journal import JOURNAL_NAME, PendingJournal
 from nasd.jwt import JWTError, Operator, Token, decode_account, decode_operator, read_decorated
-from nasd.nats import ClaimUpdatePublisher, parse_server_url
-from nasd.store import AccountStore, DirectoryStore, MemoryStore, StoreError
+from nasd.nats import ClaimUpdatePublisher, ClientTLSError, load_client_tls, parse_server_url
+from nasd.nscstore import NscFolderError, NscStore, check_operator_folder
+from nasd.store import AccountStore, DirectoryStore, MemoryStore, StoreError, trusted_account_check
 
 log = Logger(observer=logs.observer)
 
@@ -58,13 +66,19 @@ class NasService(MultiService):
     """The running server: listens in ``privilegedStartService`` so the real port is known early."""
 
     def __init__(
-        self, reactor: Any, config: Config, api: AccountServerAPI, publisher: ClaimUpdatePublisher | None
+        self,
+        reactor: Any,
+        config: Config,
+        api: AccountServerAPI,
+        publisher: ClaimUpdatePublisher | None,
+        tls: CertificateOptions | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
         self.config = config
         self.api = api
         self.publisher = publisher
+        self.tls = tls
         self.port: IListeningPort | None = None
         self.site = AccountServerSite(api.resource(), timeout=config.http.read_timeout or None)
         self.site.requestFactory = BoundedRequest
@@ -77,19 +91,43 @@ class NasService(MultiService):
     def privilegedStartService(self) -> None:
         http = self.config.http
         try:
-            self.port = self.reactor.listenTCP(http.port, self.site, interface=http.host)
+            if self.tls is None:
+                self.port = self.reactor.listenTCP(http.port, self.site, interface=http.host)
+            else:
+                self.port = self.reactor.listenSSL(http.port, self.site, self.tls, interface=http.host)
         except Exception as error:
             raise SystemExit(f"nasd: cannot listen on {format_address(http.host, http.port)}: {error}") from None
         super().privilegedStartService()
         address = cast(IPv4Address | IPv6Address, self.port.getHost())
-        log.info("listening for HTTP on {address}", address=format_address(address.host, address.port))
+        protocol = "HTTP" if self.tls is None else "HTTPS"
+        log.info(
+            "listening for {protocol} on {address}",
+            protocol=protocol,
+            address=format_address(address.host, address.port),
+        )
         advertised = http.host if http.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
         log.info("configure the nats-server with:")
         log.info(
-            "  resolver: URL(http://{hostport}/jwt/v1/accounts/)", hostport=format_address(advertised, address.port)
+            "  resolver: URL({scheme}://{hostport}/jwt/v1/accounts/)",
+            scheme=protocol.lower(),
+            hostport=format_address(advertised, address.port),
         )
+        if self.tls is not None:
+            self._log_resolver_tls()
         if advertised != http.host:
             log.info("(nasd listens on every interface; use an address of this host that the nats-servers can reach)")
+
+    def _log_resolver_tls(self) -> None:
+        tls = self.config.http.tls
+        if tls.verify:
+            log.info(
+                "  resolver_tls {{ ca_file: <the CA that signed {cert}>, "
+                "cert_file: <a client certificate signed by {ca}>, key_file: <its key> }}",
+                cert=tls.cert,
+                ca=tls.ca,
+            )
+        else:
+            log.info("  resolver_tls {{ ca_file: <the CA that signed {cert}> }}", cert=tls.cert)
 
     def startService(self) -> None:
         super().startService()
@@ -151,9 +189,10 @@ def build_service(reactor: Any, config: Config) -> NasService:
             log.warn("logging.{name} has no effect: twistd formats the log lines", name=name)
 
     reject_unsupported(config)
-    operator = load_operator(config)
+    tls = load_server_tls(config.http.tls)
+    operator = load_nsc_operator(config) if config.store.nsc is not None else load_operator(config)
     system_account = load_system_account(config, operator)
-    store = open_store(reactor, config)
+    store = open_store(reactor, config, operator)
     journal = None
     if store.location is not None:
         journal = PendingJournal(os.path.join(store.location, JOURNAL_NAME))
@@ -161,22 +200,107 @@ def build_service(reactor: Any, config: Config) -> NasService:
     if journal is not None:
         requeue_pending(journal, store, publisher)
 
-    api = AccountServerAPI(reactor, store, operator, publisher, system_account)
-    return NasService(reactor, config, api, publisher)
+    activation_folder = store.location if isinstance(store, DirectoryStore) else None
+    activations = open_activation_store(reactor, activation_folder, store.readonly)
+    api = AccountServerAPI(reactor, store, operator, publisher, system_account, activations)
+    service = NasService(reactor, config, api, publisher, tls)
+    watch_store(reactor, store, publisher, service)
+    return service
 
 
 def reject_unsupported(config: Config) -> None:
     """Stop startup for settings this version accepts but does not implement yet."""
     unsupported = [
-        (config.http.tls.enabled, "http.tls (HTTPS)"),
-        (config.nats.tls.enabled, "nats.tls (TLS to NATS)"),
-        (config.store.nsc is not None, "store.nsc (serving an nsc folder)"),
         (config.sign_request_subject is not None, "signrequestsubject (a signing service)"),
         (config.primary is not None, "primary (importing from another account server)"),
     ]
     for configured, name in unsupported:
         if configured:
             raise StartupError(f"{name} is not supported by nasd {__version__} yet; remove it from the configuration")
+
+
+def load_server_tls(tls: ServerTLSConfig) -> CertificateOptions | None:
+    """Load the HTTPS certificate, its key and the client CA, or return None without HTTPS.
+
+    Raises StartupError naming the setting and file at fault: a missing or unreadable
+    file, a file that is not PEM of the expected kind, or a key that does not match
+    the certificate.
+    """
+    if not tls.enabled:
+        if tls.ca is not None or tls.verify:
+            raise StartupError("http.tls.ca and http.tls.verify need http.tls.cert and http.tls.key (HTTPS) as well")
+        return None
+    if tls.cert is None or tls.key is None:
+        missing, present = ("http.tls.cert", "http.tls.key") if tls.cert is None else ("http.tls.key", "http.tls.cert")
+        raise StartupError(f"{present} is set but {missing} is not; HTTPS needs both")
+    if tls.verify and tls.ca is None:
+        raise StartupError(
+            "http.tls.verify is true but http.tls.ca is not set; "
+            "set it to the CA file that signs the client certificates"
+        )
+
+    chain = _load_certificates(tls.cert, "http.tls.cert")
+    key = _load_private_key(tls.key)
+    if _public_key_der(chain[0].public_key()) != _public_key_der(key.public_key()):
+        raise StartupError(f"the private key {tls.key} (http.tls.key) does not match the certificate {tls.cert}")
+    client_cas = _load_certificates(tls.ca, "http.tls.ca") if tls.ca is not None else []
+    if tls.ca is not None and not tls.verify:
+        log.warn("http.tls.ca {path} has no effect unless http.tls.verify is true", path=tls.ca)
+
+    # NOTE: pyOpenSSL 26.4 warns (DeprecationWarning) about the X509 and PKey objects
+    # below, but Twisted 26.10's CertificateOptions documents and types exactly these.
+    options = CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(key),
+        certificate=crypto.X509.from_cryptography(chain[0]),
+        extraCertChain=[crypto.X509.from_cryptography(cert) for cert in chain[1:]],
+        verify=tls.verify,
+        caCerts=[crypto.X509.from_cryptography(cert) for cert in client_cas] if tls.verify else None,
+        requireCertificate=tls.verify,
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+    )
+    try:
+        options.getContext()
+    except SSL.Error as error:
+        raise StartupError(f"the TLS settings for {tls.cert} and {tls.key} cannot be used: {error}") from None
+
+    subject = chain[0].subject.rfc4514_string()
+    log.info("HTTPS: certificate {cert} ({subject}), key {key}", cert=tls.cert, subject=subject, key=tls.key)
+    expires = chain[0].not_valid_after_utc
+    if expires < datetime.datetime.now(datetime.UTC):
+        log.warn("HTTPS: the certificate {cert} expired on {date}; clients will reject it", cert=tls.cert, date=expires)
+    if tls.verify:
+        log.info("HTTPS: clients must present a certificate signed by a CA in {path}", path=tls.ca)
+    return options
+
+
+def _load_certificates(path: str, setting: str) -> list[x509.Certificate]:
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        raise StartupError(f"cannot read {setting} {path}: {_reason(error)}") from None
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise StartupError(f"{setting} {path} is not a PEM certificate file") from None
+
+
+def _load_private_key(path: str) -> Any:
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        raise StartupError(f"cannot read http.tls.key {path}: {_reason(error)}") from None
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise StartupError(f"http.tls.key {path} is encrypted; nasd needs the key without a passphrase") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise StartupError(f"http.tls.key {path} is not a PEM private key") from None
+
+
+def _public_key_der(key: Any) -> bytes:
+    return cast(bytes, key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
 def load_operator(config: Config) -> Operator | None:
@@ -236,11 +360,27 @@ def load_system_account(config: Config, operator: Operator | None) -> Token | No
     return token
 
 
-def open_store(reactor: Any, config: Config) -> AccountStore:
+def open_store(reactor: Any, config: Config, operator: Operator | None = None) -> AccountStore:
+    """Open the configured store; a read-only or nsc store serves only JWTs that *operator* trusts."""
+    if config.store.nsc is not None:
+        if operator is None:
+            raise StartupError("store.nsc: the operator of the nsc folder is needed to verify its accounts")
+        return open_nsc_store(reactor, config.store.nsc, operator)
     if config.store.dir is None:
         log.warn("store: in memory only; nothing survives a restart (set store.dir to keep JWTs on disk)")
         return MemoryStore()
-    store = DirectoryStore(reactor, config.store.dir, shard=config.store.shard, readonly=config.store.readonly)
+    check = None
+    if config.store.readonly:
+        # nasd did not write the files of a read-only store, so each one is verified when read.
+        if operator is None:
+            raise StartupError(
+                "store.readonly: a read-only store serves only account JWTs signed by the operator, "
+                "so it needs operator (the operator JWT file)"
+            )
+        check = trusted_account_check(operator, reactor)
+    store = DirectoryStore(
+        reactor, config.store.dir, shard=config.store.shard, readonly=config.store.readonly, check=check
+    )
     try:
         store.open(list_keys=False)
     except (OSError, StoreError) as error:
@@ -249,6 +389,69 @@ def open_store(reactor: Any, config: Config) -> AccountStore:
     mode = ", read-only" if config.store.readonly else ""
     log.info("store: {layout} directory {path}{mode}", layout=layout, path=store.location, mode=mode)
     return store
+
+
+def load_nsc_operator(config: Config) -> Operator:
+    """Load the operator JWT of the nsc folder in store.nsc; a configured operator must have the same key.
+
+    When both are set, the configured operator JWT is used, as nats-servers are
+    usually configured with the same file.
+    """
+    assert config.store.nsc is not None
+    try:
+        folder = check_operator_folder(config.store.nsc)
+    except NscFolderError as error:
+        raise StartupError(str(error)) from None
+    configured = load_operator(config) if config.operator is not None else None
+    operator = load_operator(with_overrides(config, operator=folder.operator_jwt))
+    assert operator is not None
+    if configured is None:
+        return operator
+    if configured.key != operator.key:
+        raise StartupError(
+            f"the configured operator {configured.name} ({configured.key}) is not the operator of the nsc folder "
+            f"{folder.path}, which is {operator.name} ({operator.key}); correct operator or remove it"
+        )
+    return configured
+
+
+def open_nsc_store(reactor: Any, path: str, operator: Operator) -> NscStore:
+    try:
+        store = NscStore(check_operator_folder(path), trusted_account_check(operator, reactor))
+        store.open()
+    except NscFolderError as error:
+        raise StartupError(str(error)) from None
+    except OSError as error:
+        raise StartupError(f"cannot read the nsc operator folder {path}: {_reason(error)}") from None
+    log.info(
+        "store: nsc operator folder {path} (operator {name}), {count} account(s)",
+        path=store.folder.path,
+        name=operator.name,
+        count=len(store),
+    )
+    return store
+
+
+def watch_store(
+    reactor: Any, store: AccountStore, publisher: ClaimUpdatePublisher | None, parent: MultiService
+) -> None:
+    """Watch the files of a read-only or nsc store, so that a changed account file is served
+    and published at once. nasd writes the files of other stores itself."""
+    if not (isinstance(store, NscStore) or (isinstance(store, DirectoryStore) and store.readonly)):
+        return
+    try:
+        from nasd.watch import watcher_for
+    except ImportError as error:
+        log.warn(
+            "store: changes in {path} are not watched, because inotify is not available ({error}); "
+            "restart nasd to serve changed account files",
+            path=store.location,
+            error=error,
+        )
+        return
+    watcher = watcher_for(reactor, store, publisher)
+    if watcher is not None:
+        watcher.setServiceParent(parent)
 
 
 def requeue_pending(journal: PendingJournal, store: AccountStore, publisher: ClaimUpdatePublisher | None) -> None:
@@ -292,11 +495,21 @@ def build_publisher(reactor: Any, config: Config, journal: PendingJournal | None
         log.warn(
             "NATS: no usercredentials configured; nats-server only accepts claim updates from a system account user"
         )
+    try:
+        tls = load_client_tls(nats.tls)
+    except ClientTLSError as error:
+        raise StartupError(str(error)) from None
     log.info(
         "NATS: servers {servers}, creds {creds}",
         servers=", ".join(nats.servers),
         creds=nats.user_credentials or "(none)",
     )
+    if tls is not None:
+        log.info(
+            "NATS: TLS required, servers verified with {root}, client certificate {cert}",
+            root=nats.tls.root or "the system's trust store",
+            cert=nats.tls.cert or "(none)",
+        )
     return ClaimUpdatePublisher(
         reactor,
         servers=nats.servers,
@@ -306,6 +519,7 @@ def build_publisher(reactor: Any, config: Config, journal: PendingJournal | None
         max_reconnects=nats.max_reconnects,
         trace=config.logging.trace,
         journal=journal,
+        tls=tls,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import json
 import os
 import time
@@ -17,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredLock, succeed
-from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.interfaces import IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from nasd.jwt import Token
+from nasd.jwt import JWTError, Operator, Token, account_problems, decode_account
 from nasd.keys import KeyKind, is_account_key, is_public_key
 from nasd.logs import observer
 
@@ -38,6 +39,32 @@ DEFAULT_CACHE_SIZE = 10_000
 RECHECK_INTERVAL = 1.0
 
 FileStamp = tuple[int, int, int]
+
+# A check of an account JWT read from a file that nasd did not write itself (a read-only
+# store): it raises JWTError when the JWT must not be served.
+AccountCheck = Callable[[Token], None]
+
+
+def trusted_account_check(operator: Operator, clock: IReactorTime) -> AccountCheck:
+    """Build an AccountCheck that raises JWTError unless *operator* trusts the issuer and
+    the claims pass the checks nats-server applies, expiry included."""
+
+    def check(token: Token) -> None:
+        if operator.strict_signing_key_usage and not operator.trusts(token.issuer):
+            raise JWTError(
+                f"untrusted issuer {token.issuer}: operator {operator.name} ({operator.key}) "
+                "accepts only accounts signed by one of its signing keys"
+            )
+        if not operator.trusts(token.issuer):
+            raise JWTError(
+                f"untrusted issuer {token.issuer}: it is neither operator {operator.name} ({operator.key}) "
+                "nor one of its signing keys"
+            )
+        problems = account_problems(token, clock.seconds())
+        if problems:
+            raise JWTError("invalid account claims: " + "; ".join(problems))
+
+    return check
 
 
 class StoreError(Exception):
@@ -183,6 +210,10 @@ class DirectoryStore(MemoryStore):
     last comparison is older than RECHECK_INTERVAL, so a file replaced by another
     process or by hand is read again.
 
+    With a ``check``, every file read is decoded with its signature verified and passed
+    to the check, and a file that fails either is logged and not served. A read-only
+    store needs this, because nasd did not verify its files when they were written.
+
     NOTE: a file missing from the page cache is read on the reactor thread, which
     blocks it for the duration of one small read.
     """
@@ -196,12 +227,14 @@ class DirectoryStore(MemoryStore):
         shard: bool = False,
         readonly: bool = False,
         cache_size: int = DEFAULT_CACHE_SIZE,
+        check: AccountCheck | None = None,
     ) -> None:
         super().__init__(readonly=readonly)
         self._reactor = reactor
         self.location = os.path.abspath(path)
         self.shard = shard
         self.cache_size = cache_size
+        self.check = check
         self._cache: OrderedDict[str, _CachedFile] = OrderedDict()
         self._keys: set[str] = set()
         self.listed = False
@@ -229,7 +262,7 @@ class DirectoryStore(MemoryStore):
         if not os.path.isdir(self.location):
             if self.readonly:
                 raise StoreError(f"the store folder {self.location} does not exist")
-            os.makedirs(self.location, mode=FOLDER_MODE, exist_ok=True)
+            make_folder_durably(self.location)
         if list_keys:
             self._keys = set(self._stored_keys())
             self.listed = True
@@ -295,9 +328,13 @@ class DirectoryStore(MemoryStore):
             self._cache.move_to_end(key)
             return cached.entry
 
-        entry = _read_entry(path)
+        entry = _read_entry(path, self.check)
         self._remember(key, stamp, entry)
         return entry
+
+    def invalidate(self, key: str) -> None:
+        """Forget the cached file of *key*, so that the next get reads the file again at once."""
+        self._cache.pop(key, None)
 
     def keys(self) -> Iterator[str]:
         return iter(sorted(self._keys))
@@ -341,8 +378,11 @@ def write_durably(path: str, data: bytes) -> FileStamp:
         folder, f".{os.path.basename(path)}.{os.getpid()}.{binascii.hexlify(os.urandom(4)).decode()}.tmp"
     )
     try:
-        os.makedirs(folder, mode=FOLDER_MODE, exist_ok=True)
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        try:
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        except FileNotFoundError:
+            make_folder_durably(folder)
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
             view = memoryview(data)
             while view:
@@ -362,6 +402,21 @@ def write_durably(path: str, data: bytes) -> FileStamp:
     return (status.st_mtime_ns, status.st_size, status.st_ino)
 
 
+def make_folder_durably(folder: str) -> None:
+    """Create *folder* (mode 0700) and its missing parents, syncing each new entry's parent
+    so that the folder survives a crash together with the files written into it."""
+    parent = os.path.dirname(folder)
+    if parent != folder and not os.path.isdir(parent):
+        make_folder_durably(parent)
+    try:
+        os.mkdir(folder, FOLDER_MODE)
+    except FileExistsError:
+        if not os.path.isdir(folder):
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", folder) from None
+        return
+    _sync_folder(parent)
+
+
 def _sync_folder(folder: str) -> None:
     descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -370,14 +425,24 @@ def _sync_folder(folder: str) -> None:
         os.close(descriptor)
 
 
-def _read_entry(path: str) -> StoredJWT | None:
-    """Index one stored file by its unverified claims, or log why it cannot be served."""
+def _read_entry(path: str, check: AccountCheck | None = None) -> StoredJWT | None:
+    """Index one stored file, or log why it cannot be served.
+
+    Without *check* the claims are read unverified, since nasd verified the JWT before
+    writing it. With *check* the signature is verified and the check must pass.
+    """
     key = os.path.basename(path)[: -len(".jwt")]
+    token = None
     try:
         with open(path, "rb") as file:
             raw = file.read().strip()
-        claims = _peek_claims(raw)
+        if check is None:
+            claims = _peek_claims(raw)
+        else:
+            token = decode_account(raw)
+            claims = token.claims
     except (OSError, ValueError) as error:
+        # JWTError is a ValueError: a file that is not a validly signed account JWT.
         log.warn("ignoring {path}: {error}", path=path, error=error)
         return None
     if claims.get("sub") != key:
@@ -388,6 +453,12 @@ def _read_entry(path: str) -> StoredJWT | None:
             key=key,
         )
         return None
+    if check is not None and token is not None:
+        try:
+            check(token)
+        except JWTError as error:
+            log.warn("ignoring {path}: {error}", path=path, error=error)
+            return None
     return StoredJWT(key, raw, str(claims.get("jti", "")), _number(claims.get("iat")), _number(claims.get("exp")))
 
 

@@ -170,7 +170,7 @@ def test_tls_and_service_keys(tmp_path):
         ("store { nsc: a, dir: b }", "cannot both be set"),
         ("signrequestsubject: 'a.*'", "without wildcards"),
         ("primary: ftp://x", "http:// or https://"),
-        ("http { tls { verify: \"yes\" } }", "http.tls.verify: expected true or false"),
+        ('http { tls { verify: "yes" } }', "http.tls.verify: expected true or false"),
     ],
 )
 def test_service_keys_rejected(tmp_path, text, message):

@@ -22,6 +22,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.iweb import IResponse
 from twisted.web.server import Site
 
+from nasd.activations import ActivationStore
 from nasd.http import AccountServerAPI, BoundedRequest
 from nasd.jwt import Operator, Token, decode_account, decode_operator
 from nasd.store import DirectoryStore, MemoryStore, StoredJWT
@@ -110,6 +111,7 @@ class RecordingPublisher:
         self.server_url: str | None = "nats://127.0.0.1:4222"
         self.pending_count = pending_count
         self.last_published: float | None = None
+        self.last_acknowledged: float | None = None
         self.published: list[tuple[str, bytes]] = []
         self.stored_when_published: list[StoredJWT | None] = []
 
@@ -138,6 +140,7 @@ def build_harness(
     publisher: RecordingPublisher | None = None,
     system_account: Token | None = None,
     now: float = NOW,
+    activations: ActivationStore | None = None,
 ) -> Harness:
     """Build the API trusting the fixture operator ``demo`` (unless *operator* is given), at time *now*."""
     clock = Clock()
@@ -146,7 +149,9 @@ def build_harness(
         store = MemoryStore()
     trusted = fixture_operator() if operator == _FIXTURE_OPERATOR else operator
     assert trusted is None or isinstance(trusted, Operator)
-    api = AccountServerAPI(clock, store, trusted, publisher=publisher, system_account=system_account)
+    api = AccountServerAPI(
+        clock, store, trusted, publisher=publisher, system_account=system_account, activations=activations
+    )
     return Harness(api=api, clock=clock, store=store, stub=StubTreq(api.resource()), publisher=publisher)
 
 

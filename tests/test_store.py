@@ -262,3 +262,17 @@ class DirectoryStoreTests(unittest.TestCase):
         self.assertEqual(outcomes, [True, "stale", True, "stale", "stale"])
         self.assertEqual(store.get(SHOP).issued_at, 9)
         self.assertEqual(self._open().get(SHOP).issued_at, 9)
+
+
+class DurableFolderTests(unittest.TestCase):
+    def test_new_shard_folder_synced_in_parent(self):
+        parent = tempfile.mkdtemp(prefix="nasd-store-")
+        self.addCleanup(shutil.rmtree, parent, ignore_errors=True)
+        synced = []
+        self.patch(store_module, "_sync_folder", synced.append)
+        path = os.path.join(parent, "a", "b", "KEY.jwt")
+        store_module.write_durably(path, b"x")
+        self.assertEqual(synced, [parent, os.path.join(parent, "a"), os.path.join(parent, "a", "b")])
+        with open(path, "rb") as file:
+            self.assertEqual(file.read(), b"x")
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(parent, "a")).st_mode), 0o700)
