@@ -27,10 +27,11 @@ from nasd.activations import (
     check_activation,
     parse_hash_id,
 )
-from nasd.jwt import JWTError, Operator, Token, account_problems, decode, decode_account, render_decoded
+from nasd.jwt import JWTError, Operator, Token, decode, render_decoded
 from nasd.keys import is_account_key, short_key
 from nasd.logs import observer
 from nasd.store import AccountStore, ReadOnlyStoreError, StaleJWTError, StoredJWT, StoreError
+from nasd.uploads import check_account_jwt
 
 log = Logger(observer=observer)
 
@@ -174,38 +175,12 @@ class AccountServerAPI:
         if not body.strip():
             raise JWTError("the request body is empty; send the account JWT as the body")
         try:
-            token = decode_account(body)
+            return check_account_jwt(key, body, self.operator, self.clock.seconds())
         except JWTError as error:
-            raise JWTError(f"invalid JWT: {error}") from None
-        if token.subject != key:
-            raise JWTError(f"the JWT is for account {token.subject[:60]}, not for {key} named in the URL")
-        self._check_issuer(token)
-        problems = account_problems(token, self.clock.seconds())
-        if problems:
-            raise JWTError("invalid account claims: " + "; ".join(problems))
-        return token
-
-    def _check_issuer(self, token: Token) -> None:
-        if self.operator is None:
-            raise JWTError(
-                "no operator is configured on this account server, so no account JWT can be trusted; "
-                "set operator (the operator JWT file) in its configuration"
-            )
-        if self.operator.trusts(token.issuer):
-            return
-        if token.issuer == token.subject:
-            raise JWTError(
-                "the JWT is self-signed by the account; sign it with the operator key or an operator signing key"
-            )
-        if token.issuer == self.operator.key:
-            raise JWTError(
-                f"operator {self.operator.name} requires strict signing key usage; "
-                "sign the account with one of its signing keys"
-            )
-        raise JWTError(
-            f"untrusted issuer {token.issuer}: it is neither operator {self.operator.name} "
-            f"({self.operator.key}) nor one of its signing keys"
-        )
+            message = str(error)
+            if message.startswith("the JWT is for account "):
+                message += " named in the URL"
+            raise JWTError(message) from None
 
     @app.route("/jwt/v1/activations", methods=["POST"])
     async def post_activation(self, request: IRequest) -> bytes:
