@@ -85,6 +85,8 @@ class NATSConfig:
     reconnect_wait: float = 1.0
     max_reconnects: int = -1
     tls: ClientTLSConfig = field(default_factory=ClientTLSConfig)
+    # Seconds between pack requests that compare this store with its peers; 0 turns them off.
+    sync_interval: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -348,6 +350,7 @@ _NATS_KEYS = {
     "reconnectwait": ("reconnect_wait", _positive_duration),
     "maxreconnects": ("max_reconnects", _integer),
     "tls": ("tls", _map(_CLIENT_TLS_KEYS)),
+    "syncinterval": ("sync_interval", _duration),
 }
 _LOGGING_KEYS = {name: (name, _boolean) for name in ("time", "debug", "trace", "colors", "pid")}
 _ROOT_KEYS = {

@@ -176,3 +176,9 @@ def test_tls_and_service_keys(tmp_path):
 def test_service_keys_rejected(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         _load(tmp_path, text)
+
+
+def test_sync_interval(tmp_path):
+    assert Config().nats.sync_interval == 60.0
+    assert _load(tmp_path, 'nats { syncinterval: "5s" }').nats.sync_interval == 5.0
+    assert _load(tmp_path, "nats { syncinterval: 0 }").nats.sync_interval == 0.0
