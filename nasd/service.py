@@ -194,7 +194,8 @@ def build_service(reactor: Any, config: Config) -> NasService:
     system_account = load_system_account(config, operator)
     store = open_store(reactor, config, operator)
     journal = None
-    if store.location is not None:
+    if store.location is not None and not store.readonly:
+        # A read-only or nsc folder belongs to someone else: nasd writes nothing into it.
         journal = PendingJournal(os.path.join(store.location, JOURNAL_NAME))
     publisher = build_publisher(reactor, config, journal)
     if journal is not None:
