@@ -30,6 +30,7 @@ from nasd.activations import (
 from nasd.jwt import JWTError, Operator, Token, decode, render_decoded
 from nasd.keys import is_account_key, short_key
 from nasd.logs import observer
+from nasd.signing import SigningError, SigningService, check_self_signed, reply_text, signed_reply
 from nasd.store import AccountStore, ReadOnlyStoreError, StaleJWTError, StoredJWT, StoreError
 from nasd.uploads import check_account_jwt
 
@@ -91,6 +92,7 @@ class AccountServerAPI:
         publisher: ClaimPublisher | None = None,
         system_account: Token | None = None,
         activations: ActivationStore | None = None,
+        signer: SigningService | None = None,
     ) -> None:
         self.clock = clock
         self.store = store
@@ -98,6 +100,7 @@ class AccountServerAPI:
         self.publisher = publisher
         self.system_account = system_account
         self.activations = activations if activations is not None else MemoryActivationStore(store.readonly)
+        self.signer = signer
         self.in_flight: set[Deferred[bool]] = set()
 
     def resource(self) -> Resource:
@@ -149,6 +152,27 @@ class AccountServerAPI:
             log.info("rejected JWT for account - {account} - {reason}", account=short_key(key), reason=error)
             return _text(request, 400, str(error))
 
+        if token.issuer == key and self.signer is not None:
+            try:
+                reply = await self.signer.sign(token)
+            except SigningError as error:
+                return _text(request, error.status, str(error))
+            signed = signed_reply(key, reply, self.operator, self.clock.seconds())
+            if signed is None:
+                log.info(
+                    "{account} signing service accepted the JWT for processing ({jti})",
+                    account=short_key(key),
+                    jti=token.jti,
+                )
+                return _text(request, 202, reply_text(reply))
+            log.info(
+                "{account} signing service signed the JWT ({jti}) with {issuer}",
+                account=short_key(key),
+                jti=token.jti,
+                issuer=short_key(signed.issuer),
+            )
+            token = signed
+
         try:
             changed = await self._track(self.store.save(token))
         except StaleJWTError as error:
@@ -171,16 +195,30 @@ class AccountServerAPI:
         return _body(request, 200, b"", b"text/plain; charset=utf-8")
 
     def check_upload(self, key: str, body: bytes) -> Token:
-        """Decode and check an uploaded account JWT as nats-server would; raise JWTError."""
+        """Decode and check an uploaded account JWT as nats-server would; raise JWTError.
+
+        With a signing service, a JWT that the account signed itself is returned too,
+        when its claims are valid, so that the service can sign it.
+        """
         if not body.strip():
             raise JWTError("the request body is empty; send the account JWT as the body")
+        now = self.clock.seconds()
         try:
-            return check_account_jwt(key, body, self.operator, self.clock.seconds())
+            return check_account_jwt(key, body, self.operator, now)
         except JWTError as error:
             message = str(error)
-            if message.startswith("the JWT is for account "):
-                message += " named in the URL"
-            raise JWTError(message) from None
+        # Without an operator, no JWT that a signing service returns could be trusted.
+        self_signed = check_self_signed(key, body, now) if self.operator is not None else None
+        if self_signed is not None:
+            if self.signer is not None:
+                return self_signed
+            message = (
+                "the JWT is self-signed by the account; the operator must sign it with its key or a signing key, "
+                "because this account server has no signing service (signrequestsubject)"
+            )
+        if message.startswith("the JWT is for account "):
+            message += " named in the URL"
+        raise JWTError(message)
 
     @app.route("/jwt/v1/activations", methods=["POST"])
     async def post_activation(self, request: IRequest) -> bytes:
@@ -593,14 +631,22 @@ POST /jwt/v1/accounts/<account public key>
     Stores the account JWT sent as the body (at most 1 MiB; a trailing newline
     is fine). nsc push sends this request. The JWT must be signed by the
     operator or one of its signing keys, be for the account in the URL, be
-    valid now, and be no older (iat) than the JWT already stored. Answers:
+    valid now, and be no older (iat) than the JWT already stored. When a
+    signing service is configured (signrequestsubject), a JWT that the account
+    signed itself is sent to it as a NATS request, and the operator-signed JWT
+    it replies with is stored instead. Answers:
       200  stored (or the same JWT was already stored); the JWT is then
            published on $SYS.ACCOUNT.<key>.CLAIMS.UPDATE
+      202  the signing service replied with a message instead of a signed
+           JWT (signing happens later); the body is its message, and
+           nothing was stored
       400  the JWT is invalid or untrusted; the body says why
       405  the store is read-only
       409  the stored JWT is newer
-      413  the body is larger than 1 MiB
-      500  the JWT could not be written; nothing was changed
+      413  the body is larger than 1 MiB, or a self-signed JWT is larger
+           than the NATS server's max_payload
+      500  the JWT could not be written, or the signing service could not be
+           reached or did not reply in time; nothing was changed
 
 POST /jwt/v1/activations
     Stores the activation JWT sent as the body (at most 1 MiB, any

@@ -25,6 +25,7 @@ from nasd.journal import JOURNAL_NAME, PendingJournal
 from nasd.jwt import JWTError, Operator, Token, decode_account, decode_operator, read_decorated
 from nasd.nats import ClaimUpdatePublisher, ClientTLSError, load_client_tls, parse_server_url
 from nasd.nscstore import NscFolderError, NscStore, check_operator_folder
+from nasd.signing import SigningService
 from nasd.store import AccountStore, DirectoryStore, MemoryStore, StoreError, trusted_account_check
 from nasd.tls import ServerTLSError
 
@@ -200,7 +201,8 @@ def build_service(reactor: Any, config: Config) -> NasService:
 
     activation_folder = store.location if isinstance(store, DirectoryStore) else None
     activations = open_activation_store(reactor, activation_folder, store.readonly)
-    api = AccountServerAPI(reactor, store, operator, publisher, system_account, activations)
+    signer = build_signer(config, publisher, store)
+    api = AccountServerAPI(reactor, store, operator, publisher, system_account, activations, signer)
     service = NasService(reactor, config, api, publisher, tls)
     watch_store(reactor, store, publisher, service)
     return service
@@ -209,12 +211,34 @@ def build_service(reactor: Any, config: Config) -> NasService:
 def reject_unsupported(config: Config) -> None:
     """Stop startup for settings this version accepts but does not implement yet."""
     unsupported = [
-        (config.sign_request_subject is not None, "signrequestsubject (a signing service)"),
         (config.primary is not None, "primary (importing from another account server)"),
     ]
     for configured, name in unsupported:
         if configured:
             raise StartupError(f"{name} is not supported by nasd {__version__} yet; remove it from the configuration")
+
+
+def build_signer(config: Config, publisher: ClaimUpdatePublisher | None, store: AccountStore) -> SigningService | None:
+    """Build the client of the signing service that signs self-signed account JWTs, if one is configured.
+
+    It sends its requests on the publisher's NATS connection, so it needs nats.servers.
+    """
+    subject = config.sign_request_subject
+    if subject is None:
+        return None
+    if publisher is None:
+        raise StartupError(
+            f"signrequestsubject {subject} needs a NATS connection to reach the signing service; set nats.servers"
+        )
+    if store.readonly:
+        log.warn("signrequestsubject has no effect: the store is read-only, so every upload is rejected")
+    log.info(
+        "signing service: self-signed account JWTs are sent to {subject}, with a timeout of {timeout:g} s",
+        subject=subject,
+        timeout=config.sign_request_timeout,
+    )
+    connection = publisher.connection
+    return SigningService(lambda: connection, subject, config.sign_request_timeout)
 
 
 def load_server_tls(tls: ServerTLSConfig) -> CertificateOptions | None:
