@@ -31,12 +31,16 @@ from nasd.jwt import JWTError, Operator, Token, decode, render_decoded
 from nasd.keys import is_account_key, short_key
 from nasd.logs import observer
 from nasd.signing import SigningError, SigningService, check_self_signed, reply_text, signed_reply
-from nasd.store import AccountStore, ReadOnlyStoreError, StaleJWTError, StoredJWT, StoreError
+from nasd.store import AccountStore, ReadOnlyStoreError, StaleJWTError, StoredJWT, StoreError, pack_store
 from nasd.uploads import check_account_jwt
 
 log = Logger(observer=observer)
 
 MAX_BODY_SIZE = 1024 * 1024
+
+# The default and maximum number of account JWTs in a pack (maxreplicationpack).
+DEFAULT_MAX_PACK = 10_000
+_PACK_MAX = re.compile(r"[0-9]{1,12}")
 
 # Account JWTs change without notice (a revocation must take effect at once), so caches
 # must revalidate every time; the ETag makes that cheap.
@@ -93,6 +97,7 @@ class AccountServerAPI:
         system_account: Token | None = None,
         activations: ActivationStore | None = None,
         signer: SigningService | None = None,
+        max_pack: int = DEFAULT_MAX_PACK,
     ) -> None:
         self.clock = clock
         self.store = store
@@ -101,6 +106,7 @@ class AccountServerAPI:
         self.system_account = system_account
         self.activations = activations if activations is not None else MemoryActivationStore(store.readonly)
         self.signer = signer
+        self.max_pack = max_pack
         self.in_flight: set[Deferred[bool]] = set()
 
     def resource(self) -> Resource:
@@ -289,6 +295,31 @@ class AccountServerAPI:
             publish(entry.account, entry.hash_id, entry.raw)
         except ValueError as error:
             log.error("publishing activation JWT {hash_id} failed: {error}", hash_id=entry.hash_id, error=error)
+
+    @app.route("/jwt/v1/pack", methods=["GET"])
+    async def get_pack(self, request: IRequest) -> bytes:
+        """Send up to ``max`` stored account JWTs that have not expired, one ``<key>|<jwt>`` line each."""
+        limit = self.max_pack
+        values = request.args.get(b"max")
+        if values:
+            text = values[0].decode("utf-8", "replace")
+            if not _PACK_MAX.fullmatch(text):
+                return _text(request, 400, f"bad max parameter {text[:60]!r}: expected a number from 0 to {limit}")
+            if int(text) > limit:
+                return _text(
+                    request,
+                    400,
+                    f"bad max parameter {text!r}: no more than {limit} JWTs are allowed (maxreplicationpack)",
+                )
+            limit = int(text)
+        if not self.store.listed:
+            request.setHeader(b"Retry-After", b"5")
+            return _text(request, 503, "the store is still being listed after startup; try again in a few seconds")
+
+        entries = await pack_store(self.store, limit, self.clock.seconds())
+        log.debug("pack of {count} account JWTs for {peer}", count=len(entries), peer=_peer(request))
+        body = b"\n".join(entry.key.encode("ascii") + b"|" + entry.raw for entry in entries)
+        return _body(request, 200, body, b"text/plain; charset=utf-8")
 
     @app.route("/jwt/v1/operator", methods=["GET"])
     def get_operator(self, request: IRequest) -> bytes:
@@ -665,6 +696,15 @@ GET /jwt/v1/activations/<hash id>
     "====", where <subject> is the import subject cut before its first wildcard
     token ("_" when that is the first token). The padding may be sent
     percent-encoded (%3D) or left out.
+
+GET /jwt/v1/pack?max=<number>
+    Returns the stored account JWTs that have not expired, as text/plain lines
+    "<account public key>|<account JWT>" joined by newlines, sorted by key.
+    Another nasd started with primary: <this server's URL> imports them. max
+    is the number of JWTs to return, from 0 to maxreplicationpack (10000
+    unless configured). Without max, up to maxreplicationpack are returned. Any
+    other max gets 400. Right after startup, while a large store is still
+    being listed, the response is 503.
 
 GET /jwt/v1/operator
     Returns the operator JWT this server trusts (404 when none is configured).

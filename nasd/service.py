@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from typing import Any, cast
 
+from treq.client import HTTPClient
 from twisted.application.service import MultiService
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
@@ -13,6 +15,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import Agent
 from twisted.web.server import Site
 
 from nasd import __version__, logs
@@ -25,6 +28,8 @@ from nasd.journal import JOURNAL_NAME, PendingJournal
 from nasd.jwt import JWTError, Operator, Token, decode_account, decode_operator, read_decorated
 from nasd.nats import ClaimUpdatePublisher, ClientTLSError, load_client_tls, parse_server_url
 from nasd.nscstore import NscFolderError, NscStore, check_operator_folder
+from nasd.replication import JWTMerger, PeerSync, PrimaryImport
+from nasd.resolver import ResolverResponder
 from nasd.signing import SigningService
 from nasd.store import AccountStore, DirectoryStore, MemoryStore, StoreError, trusted_account_check
 from nasd.tls import ServerTLSError
@@ -186,7 +191,6 @@ def build_service(reactor: Any, config: Config) -> NasService:
         if getattr(config.logging, name) != getattr(type(config.logging)(), name):
             log.warn("logging.{name} has no effect: twistd formats the log lines", name=name)
 
-    reject_unsupported(config)
     tls = load_server_tls(config.http.tls)
     operator = load_nsc_operator(config) if config.store.nsc is not None else load_operator(config)
     system_account = load_system_account(config, operator)
@@ -195,27 +199,60 @@ def build_service(reactor: Any, config: Config) -> NasService:
     if store.location is not None and not store.readonly:
         # A read-only or nsc folder belongs to someone else: nasd writes nothing into it.
         journal = PendingJournal(os.path.join(store.location, JOURNAL_NAME))
-    publisher = build_publisher(reactor, config, journal)
+    publisher = build_publisher(reactor, config, journal, latest_jwt=lambda key: _stored_jwt(store, key))
     if journal is not None:
         requeue_pending(journal, store, publisher)
 
     activation_folder = store.location if isinstance(store, DirectoryStore) else None
     activations = open_activation_store(reactor, activation_folder, store.readonly)
     signer = build_signer(config, publisher, store)
-    api = AccountServerAPI(reactor, store, operator, publisher, system_account, activations, signer)
+    api = AccountServerAPI(
+        reactor, store, operator, publisher, system_account, activations, signer, config.max_replication_pack
+    )
     service = NasService(reactor, config, api, publisher, tls)
     watch_store(reactor, store, publisher, service)
+    add_replication(reactor, config, store, operator, publisher, system_account, service)
     return service
 
 
-def reject_unsupported(config: Config) -> None:
-    """Stop startup for settings this version accepts but does not implement yet."""
-    unsupported = [
-        (config.primary is not None, "primary (importing from another account server)"),
-    ]
-    for configured, name in unsupported:
-        if configured:
-            raise StartupError(f"{name} is not supported by nasd {__version__} yet; remove it from the configuration")
+def add_replication(
+    reactor: Any,
+    config: Config,
+    store: AccountStore,
+    operator: Operator | None,
+    publisher: ClaimUpdatePublisher | None,
+    system_account: Token | None,
+    parent: MultiService,
+) -> None:
+    """Add the services that exchange account JWTs with other servers, as configured.
+
+    With NATS, nasd responds to the resolver requests of nats-servers and peers. It also
+    stores the claim updates of peers and compares its store with theirs, unless the
+    store is read-only. With ``primary``, it imports the primary's JWTs at startup.
+    """
+    if config.max_replication_pack < 0:
+        raise StartupError(
+            f"maxreplicationpack must be 0 or more (0 turns the pack off), got {config.max_replication_pack}"
+        )
+    merger = JWTMerger(reactor, store, operator)
+    merger.setServiceParent(parent)
+    if publisher is not None:
+        responder = ResolverResponder(reactor, publisher.connection, store, merger, publisher, system_account)
+        responder.setServiceParent(parent)
+        if store.readonly:
+            log.info("peers: the store is read-only, so nasd takes no JWTs from peers")
+        else:
+            sync = PeerSync(reactor, publisher.connection, store, merger, config.nats.sync_interval, publisher)
+            sync.setServiceParent(parent)
+
+    if config.primary is not None:
+        if store.readonly:
+            raise StartupError("primary: a read-only store cannot import JWTs; remove primary or store.readonly")
+        client = HTTPClient(Agent(reactor))
+        importer = PrimaryImport(
+            reactor, client, config.primary, config.max_replication_pack, config.replication_timeout, merger
+        )
+        importer.setServiceParent(parent)
 
 
 def build_signer(config: Config, publisher: ClaimUpdatePublisher | None, store: AccountStore) -> SigningService | None:
@@ -421,7 +458,12 @@ def requeue_pending(journal: PendingJournal, store: AccountStore, publisher: Cla
     log.info("queued {count} claim update(s) left unpublished at the last stop", count=queued)
 
 
-def build_publisher(reactor: Any, config: Config, journal: PendingJournal | None = None) -> ClaimUpdatePublisher | None:
+def build_publisher(
+    reactor: Any,
+    config: Config,
+    journal: PendingJournal | None = None,
+    latest_jwt: Callable[[str], bytes | None] | None = None,
+) -> ClaimUpdatePublisher | None:
     nats = config.nats
     if not nats.servers:
         log.info("NATS: not configured; claim updates will not be published")
@@ -466,7 +508,13 @@ def build_publisher(reactor: Any, config: Config, journal: PendingJournal | None
         trace=config.logging.trace,
         journal=journal,
         tls=tls,
+        latest_jwt=latest_jwt,
     )
+
+
+def _stored_jwt(store: AccountStore, key: str) -> bytes | None:
+    entry = store.get(key)
+    return entry.raw if entry is not None else None
 
 
 def format_address(host: str, port: int) -> str:

@@ -2,6 +2,10 @@
 
 A save is refused when the stored JWT has a newer ``iat``: an old JWT must never roll
 back a newer one, since that could undo a revocation.
+
+Each store keeps a store hash, the XOR of the SHA-256 digests of every stored JWT (32
+zero bytes when empty), which is how nats-server's directory store (``DirJWTStore``)
+defines it. Peers compare stores with it in the pack protocol.
 """
 
 from __future__ import annotations
@@ -9,11 +13,12 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import hashlib
 import json
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -39,6 +44,8 @@ DEFAULT_CACHE_SIZE = 10_000
 RECHECK_INTERVAL = 1.0
 
 FileStamp = tuple[int, int, int]
+
+HASH_SIZE = hashlib.sha256().digest_size
 
 # A check of an account JWT read from a file that nasd did not write itself (a read-only
 # store): it raises JWTError when the JWT must not be served.
@@ -135,6 +142,9 @@ class MemoryStore:
         self.readonly = readonly
         self._index: dict[str, StoredJWT] = {}
         self._locks: dict[str, DeferredLock] = {}
+        # The SHA-256 digest of each stored JWT, and their XOR, as integers.
+        self._digests: dict[str, int] = {}
+        self._hash = 0
 
     def get(self, key: str) -> StoredJWT | None:
         return self._index.get(key)
@@ -144,6 +154,27 @@ class MemoryStore:
 
     def __len__(self) -> int:
         return len(self._index)
+
+    @property
+    def store_hash(self) -> bytes:
+        """The XOR of the SHA-256 digests of the stored JWTs (32 bytes)."""
+        return self._hash.to_bytes(HASH_SIZE, "big")
+
+    def when_listed(self) -> Deferred[None]:
+        """Return a Deferred that fires once every stored account key is known; at once here."""
+        return succeed(None)
+
+    def pack(self, limit: int, now: float) -> Deferred[list[StoredJWT]]:
+        """Fire with up to *limit* stored JWTs that have not expired at *now*, sorted by account key."""
+        return succeed(_unexpired((self._index[key] for key in sorted(self._index)), limit, now))
+
+    def _record_digest(self, key: str, raw: bytes | None) -> None:
+        """Replace the digest of *key* in the store hash by the digest of *raw* (None: no JWT)."""
+        self._hash ^= self._digests.pop(key, 0)
+        if raw is not None:
+            digest = jwt_digest(raw)
+            self._digests[key] = digest
+            self._hash ^= digest
 
     def save(self, token: Token) -> Deferred[bool]:
         """Store *token* unless the stored JWT is newer.
@@ -185,6 +216,7 @@ class MemoryStore:
         if entry is None:
             return False
         self._index[entry.key] = entry
+        self._record_digest(entry.key, entry.raw)
         return True
 
 
@@ -204,8 +236,11 @@ class DirectoryStore(MemoryStore):
     A write goes to a temporary file in the target folder, which is synced, renamed over
     the target, and then the folder itself is synced, all in a thread-pool thread.
 
-    Files are read when first requested, not at startup, so startup time does not grow
-    with the number of accounts. Up to ``cache_size`` parsed files are kept in memory.
+    Files are served when first requested, not after startup, so startup time does not
+    grow with the number of accounts. The listing reads every file once in a thread to
+    compute the store hash, at startup or in the background. Until it ends, ``listed``
+    is false and the store hash covers only the files read so far.
+    Up to ``cache_size`` parsed files are kept in memory.
     A GET compares the file's stat (mtime, size, inode) with the cached one when the
     last comparison is older than RECHECK_INTERVAL, so a file replaced by another
     process or by hand is read again.
@@ -238,6 +273,7 @@ class DirectoryStore(MemoryStore):
         self._cache: OrderedDict[str, _CachedFile] = OrderedDict()
         self._keys: set[str] = set()
         self.listed = False
+        self._listing_waiters: list[Deferred[None]] = []
 
     def path_for(self, key: str) -> str:
         """Return the file path of an account key; only valid account keys become paths."""
@@ -264,19 +300,68 @@ class DirectoryStore(MemoryStore):
                 raise StoreError(f"the store folder {self.location} does not exist")
             make_folder_durably(self.location)
         if list_keys:
-            self._keys = set(self._stored_keys())
-            self.listed = True
+            self._listed(*self._list_and_hash())
 
     def list_in_background(self) -> Deferred[int]:
-        """List the stored account keys in a thread; fires with their number."""
-        listing = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), lambda: set(self._stored_keys()))
+        """List the stored account keys and compute the store hash in a thread; fires with
+        the number of keys."""
+        listing = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._list_and_hash)
 
-        def listed(keys: set[str]) -> int:
-            self._keys |= keys
-            self.listed = True
+        def listed(result: tuple[set[str], dict[str, int]]) -> int:
+            self._listed(*result)
             return len(self._keys)
 
         return listing.addCallback(listed)
+
+    def when_listed(self) -> Deferred[None]:
+        """Return a Deferred that fires once the listing has ended; it never fires when the listing fails."""
+        if self.listed:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._listing_waiters.append(waiter)
+        return waiter
+
+    def _list_and_hash(self) -> tuple[set[str], dict[str, int]]:
+        """Return the stored account keys and the digest of each file that can be served.
+
+        Runs in a thread: it reads files and touches no state of the store.
+        """
+        keys = set(self._stored_keys())
+        digests = {}
+        for key in keys:
+            entry = _read_entry(self._path(key), self.check, quiet=True)
+            if entry is not None:
+                digests[key] = jwt_digest(entry.raw)
+        return keys, digests
+
+    def _listed(self, keys: set[str], digests: dict[str, int]) -> None:
+        self._keys |= keys
+        for key, digest in digests.items():
+            # A save or a read since the listing thread started recorded a digest at least
+            # as recent as the listing's, so that one stays.
+            if key not in self._digests:
+                self._digests[key] = digest
+                self._hash ^= digest
+        self.listed = True
+        waiters, self._listing_waiters = self._listing_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def pack(self, limit: int, now: float) -> Deferred[list[StoredJWT]]:
+        """Read up to *limit* stored JWTs that have not expired at *now*, sorted by account
+        key, in a thread; fires with them.
+
+        Files are read from disk without the cache, so a large pack does not evict the
+        JWTs that nats-servers request.
+        """
+        keys = sorted(self._keys)
+
+        def read() -> list[StoredJWT]:
+            # Quietly: a file that cannot be served is logged when a request reads it.
+            entries = (_read_entry(self._path(key), self.check, quiet=True) for key in keys)
+            return _unexpired((entry for entry in entries if entry is not None), limit, now)
+
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), read)
 
     def _stored_keys(self) -> Iterator[str]:
         assert self.location is not None
@@ -320,6 +405,7 @@ class DirectoryStore(MemoryStore):
         except OSError:
             self._cache.pop(key, None)
             self._keys.discard(key)
+            self._record_digest(key, None)
             return None
 
         stamp = (status.st_mtime_ns, status.st_size, status.st_ino)
@@ -343,13 +429,15 @@ class DirectoryStore(MemoryStore):
         return len(self._keys)
 
     def _remember(self, key: str, stamp: FileStamp, entry: StoredJWT | None) -> None:
-        """Cache a parsed file (or None for a file that cannot be served, so it is logged once)."""
+        """Cache a parsed file (or None for a file that cannot be served, so it is logged once)
+        and update the store hash with it."""
         self._cache[key] = _CachedFile(stamp, entry, time.monotonic())
         self._cache.move_to_end(key)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         if entry is not None:
             self._keys.add(key)
+        self._record_digest(key, entry.raw if entry is not None else None)
 
     def save(self, token: Token) -> Deferred[bool]:
         return self._serialized(token.subject, lambda: self._save_to_disk(token))
@@ -425,12 +513,13 @@ def _sync_folder(folder: str) -> None:
         os.close(descriptor)
 
 
-def _read_entry(path: str, check: AccountCheck | None = None) -> StoredJWT | None:
-    """Index one stored file, or log why it cannot be served.
+def _read_entry(path: str, check: AccountCheck | None = None, quiet: bool = False) -> StoredJWT | None:
+    """Index one stored file, or log why it cannot be served (skip it silently when *quiet*).
 
     Without *check* the claims are read unverified, since nasd verified the JWT before
     writing it. With *check* the signature is verified and the check must pass.
     """
+    warn = _skip_silently if quiet else log.warn
     key = os.path.basename(path)[: -len(".jwt")]
     token = None
     try:
@@ -443,10 +532,10 @@ def _read_entry(path: str, check: AccountCheck | None = None) -> StoredJWT | Non
             claims = token.claims
     except (OSError, ValueError) as error:
         # JWTError is a ValueError: a file that is not a validly signed account JWT.
-        log.warn("ignoring {path}: {error}", path=path, error=error)
+        warn("ignoring {path}: {error}", path=path, error=error)
         return None
     if claims.get("sub") != key:
-        log.warn(
+        warn(
             "ignoring {path}: its JWT is for subject {subject!r}, not {key}",
             path=path,
             subject=str(claims.get("sub"))[:60],
@@ -457,9 +546,13 @@ def _read_entry(path: str, check: AccountCheck | None = None) -> StoredJWT | Non
         try:
             check(token)
         except JWTError as error:
-            log.warn("ignoring {path}: {error}", path=path, error=error)
+            warn("ignoring {path}: {error}", path=path, error=error)
             return None
     return StoredJWT(key, raw, str(claims.get("jti", "")), _number(claims.get("iat")), _number(claims.get("exp")))
+
+
+def _skip_silently(format: str, **fields: object) -> None:
+    pass
 
 
 def _peek_claims(raw: bytes) -> dict[str, Any]:
@@ -480,3 +573,59 @@ def _number(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return 0
     return int(value)
+
+
+def jwt_digest(raw: bytes) -> int:
+    """Return the SHA-256 digest of a JWT as an integer, the form the store hash XORs."""
+    return int.from_bytes(hashlib.sha256(raw).digest(), "big")
+
+
+def compute_store_hash(jwts: Iterable[bytes]) -> bytes:
+    """Compute the store hash of the JWTs *jwts* from scratch (32 bytes)."""
+    value = 0
+    for raw in jwts:
+        value ^= jwt_digest(raw)
+    return value.to_bytes(HASH_SIZE, "big")
+
+
+def store_hash(store: AccountStore) -> bytes:
+    """Return the store hash of *store*.
+
+    NOTE: a store without a maintained hash (the nsc folder store) has it computed from
+    all of its JWTs on every call, which is cheap only for the small stores nsc keeps.
+    """
+    maintained = getattr(store, "store_hash", None)
+    if isinstance(maintained, bytes):
+        return maintained
+    return compute_store_hash(entry.raw for entry in map(store.get, list(store.keys())) if entry is not None)
+
+
+def pack_store(store: AccountStore, limit: int, now: float) -> Deferred[list[StoredJWT]]:
+    """Fire with up to *limit* stored JWTs of *store* that have not expired at *now*, sorted by account key."""
+    pack = getattr(store, "pack", None)
+    if pack is not None:
+        return pack(limit, now)
+    entries = (store.get(key) for key in store.keys())
+    return succeed(_unexpired((entry for entry in entries if entry is not None), limit, now))
+
+
+def when_listed(store: AccountStore) -> Deferred[None]:
+    """Return a Deferred that fires once every account key of *store* is known."""
+    waiting = getattr(store, "when_listed", None)
+    if waiting is not None:
+        return waiting()
+    return succeed(None)
+
+
+def _unexpired(entries: Iterable[StoredJWT], limit: int, now: float) -> list[StoredJWT]:
+    """Return the first *limit* of *entries* that have not expired at *now*."""
+    chosen: list[StoredJWT] = []
+    if limit <= 0:
+        return chosen
+    for entry in entries:
+        if 0 < entry.expires < now:
+            continue
+        chosen.append(entry)
+        if len(chosen) >= limit:
+            break
+    return chosen

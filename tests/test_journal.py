@@ -107,3 +107,29 @@ class PublisherJournalTests(TestCase):
         self.publisher.publish_account_update(ACME, fixture_jwt("ACME"))
         self.successResultOf(self.publisher.stopService())
         self.assertEqual(PendingJournal(self.journal.path).load(), [ACME])
+
+
+class NewestJWTTests(TestCase):
+    def test_held_update_sends_newest_stored(self) -> None:
+        stored = {SHOP: fixture_jwt("SHOP")}
+        reactor = MemoryReactorClock()
+        publisher = ClaimUpdatePublisher(
+            reactor,
+            ["nats://127.0.0.1:4222"],
+            load_credentials(str(CREDS / "SYS" / "sys.creds")),
+            connect_timeout=5.0,
+            reconnect_wait=1.0,
+            max_reconnects=-1,
+            latest_jwt=stored.get,
+        )
+        publisher.startService()
+        publisher.publish_account_update(SHOP, b"an older JWT held during an outage")
+        host, port, factory, _, _ = reactor.tcpClients[-1]
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(info_line())
+        protocol.dataReceived(b"PONG\r\n")
+        sent = transport.value()
+        self.assertIn(fixture_jwt("SHOP"), sent)
+        self.assertNotIn(b"an older JWT held during an outage", sent)

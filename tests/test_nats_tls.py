@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from nasd.config import ClientTLSConfig, Config, NATSConfig
 from nasd.creds import load_credentials
 from nasd.nats import ClaimUpdatePublisher, ClientTLS, ClientTLSError, load_client_tls
-from nasd.service import StartupError, build_publisher, reject_unsupported
+from nasd.service import StartupError, build_publisher
 from tests.certs import PKI, make_pki
 from tests.test_nats_live import (
     PUBLISHER_CREDS,
@@ -174,9 +174,6 @@ class StartupTests(TestCase):
 
     def config(self, tls: ClientTLSConfig) -> Config:
         return Config(nats=NATSConfig(servers=("nats://127.0.0.1:4222",), tls=tls))
-
-    def test_nats_tls_supported(self) -> None:
-        reject_unsupported(self.config(ClientTLSConfig(root=str(self.pki.ca))))
 
     def test_publisher_uses_tls(self) -> None:
         publisher = build_publisher(MemoryReactorClock(), self.config(ClientTLSConfig(root=str(self.pki.ca))))

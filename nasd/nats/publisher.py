@@ -3,8 +3,9 @@ each JWT that nasd stores, with pending updates kept until NATS confirms them.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -110,9 +111,11 @@ class ClaimUpdatePublisher(Service):
         journal: PendingJournal | None = None,
         tls: ClientTLS | None = None,
         ack_window: float = 1.0,
+        latest_jwt: Callable[[str], bytes | None] | None = None,
     ) -> None:
         if ack_window <= 0:
             raise ValueError(f"ack_window must be more than 0 seconds, not {ack_window}")
+        self._latest_jwt = latest_jwt
         options = ClientOptions(
             credentials=credentials,
             name=name,
@@ -212,7 +215,23 @@ class ClaimUpdatePublisher(Service):
             return
         self._send_update(update)
 
+    def _newest(self, update: _ClaimUpdate) -> _ClaimUpdate:
+        """Replace the JWT of an account update with the newest one stored, if it changed.
+
+        The store never goes back to an older JWT, while a held update may be older than
+        what a peer has stored here since: publishing it would roll nats-servers back.
+        """
+        if self._latest_jwt is None or update.hash_id is not None:
+            return update
+        newest = self._latest_jwt(update.account)
+        if newest is None or newest == update.jwt:
+            return update
+        update = dataclasses.replace(update, jwt=newest)
+        self._pending[update.subject] = update
+        return update
+
     def _send_update(self, update: _ClaimUpdate) -> None:
+        update = self._newest(update)
         try:
             if update.hash_id is None:
                 replies = self.connection.request_many(update.subject, update.jwt, self._ack_window)
