@@ -62,7 +62,7 @@ _HEADER_NAMES = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'
 
 
 class ClaimPublisher(Protocol):
-    """The NATS side as the API sees it: a queue for updates and the connection state."""
+    """The NATS side that the API uses: a queue for updates and the connection state."""
 
     @property
     def connected(self) -> bool: ...
@@ -444,7 +444,7 @@ class AccountFastPath(Resource):
 
     nats-servers fetch accounts in bursts, so this route skips the werkzeug URL map.
     Every other request, including account requests with query flags and unknown keys,
-    goes to the Klein app, which gives the same answer for these requests.
+    goes to the Klein app, which returns the same response for these requests.
 
     CORS is handled here for every route, and only for requests with an Origin header:
     preflight requests are answered at once, and other requests get the CORS headers

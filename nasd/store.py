@@ -290,9 +290,9 @@ class DirectoryStore(MemoryStore):
         """Create the folder when missing (unless read-only) and list the stored account keys.
 
         Only names are listed. A file whose name is not an account key, or that sits in
-        the wrong shard folder, is logged and never served. With ``list_keys`` false the
-        listing is left to list_in_background, so that a large store does not delay
-        startup; files are served before it finishes either way.
+        the wrong shard folder, is logged and never served. With ``list_keys`` false,
+        list_in_background lists them later, so that a large store does not delay
+        startup. Files are served before the listing ends.
         """
         assert self.location is not None
         if not os.path.isdir(self.location):

@@ -76,7 +76,7 @@ def parse_host_port(value: str) -> tuple[str, int]:
 def build_config(options: Options | dict[str, Any]) -> Config:
     """Load the configuration file, if any, and apply the command-line overrides."""
     config = configuration.load(options["config"]) if options["config"] else Config()
-    here = os.getcwd()
+    working_folder = os.getcwd()
     if options["dir"] is not None:
         folder = os.path.abspath(os.path.expanduser(options["dir"]))
         config = configuration.with_overrides(config, store={"dir": folder, "nsc": None})
@@ -90,7 +90,7 @@ def build_config(options: Options | dict[str, Any]) -> Config:
     if options["operator"] is not None:
         value = options["operator"]
         if not value.startswith("eyJ"):
-            value = os.path.normpath(os.path.join(here, os.path.expanduser(value)))
+            value = os.path.normpath(os.path.join(working_folder, os.path.expanduser(value)))
         config = configuration.with_overrides(config, operator=value)
     if options["nats"] is not None:
         config = configuration.with_overrides(config, nats={"servers": tuple(options["nats"])})

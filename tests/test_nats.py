@@ -1731,7 +1731,7 @@ class AcknowledgementTests(FakeServerMixin, TestCase):
         self.assertEqual(acknowledgements.unexpected, 4)
         self.assertEqual(acknowledgements.answered, 0)
         self.assertIn(
-            f"account {SHOP[:12]}: no nats-server answered the claim update within 1.0 s",
+            f"account {SHOP[:12]}: no nats-server replied to the claim update within 1.0 s",
             self.logs.messages(LogLevel.info),
         )
 
@@ -1742,7 +1742,7 @@ class AcknowledgementTests(FakeServerMixin, TestCase):
         self.reactor.advance(1.0)
 
         self.assertIn(
-            f"account {SHOP[:12]}: no nats-server answered the claim update within 1.0 s",
+            f"account {SHOP[:12]}: no nats-server replied to the claim update within 1.0 s",
             self.logs.messages(LogLevel.info),
         )
         self.assertIsNone(self.publisher.last_acknowledged)

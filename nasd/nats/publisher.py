@@ -87,7 +87,7 @@ class ClaimUpdatePublisher(Service):
     shutdown.
 
     Each account update is published with a reply subject, and every nats-server that
-    handles claim updates answers it: the replies received within ``ack_window``
+    handles claim updates replies to it: the replies received within ``ack_window``
     seconds are counted and logged, and a refusal is logged as a warning. Activation
     updates are published without a reply subject, because nats-server does not handle
     them (other account servers may subscribe to them). ``connection`` is the
@@ -306,7 +306,7 @@ class ClaimUpdatePublisher(Service):
 
         if not acknowledgements.answered:
             self.log.info(
-                "account {account}: no nats-server answered the claim update within {window} s",
+                "account {account}: no nats-server replied to the claim update within {window} s",
                 account=short,
                 window=self._ack_window,
             )
