@@ -37,6 +37,7 @@ from nasd.http import AccountServerAPI
 from nasd.journal import JOURNAL_NAME, PendingJournal
 from nasd.nats import (
     MAX_CONTROL_LINE,
+    MAX_INFO_LINE,
     ClaimUpdateAcknowledgements,
     ClaimUpdatePublisher,
     ClientOptions,
@@ -471,11 +472,31 @@ class ProtocolTests(TestCase):
     def test_oversized_control_line_drops(self) -> None:
         protocol, transport = self.connect(self.credentials)
 
-        protocol.dataReceived(b"INFO " + b"x" * MAX_CONTROL_LINE)
+        protocol.dataReceived(b"-ERR " + b"x" * MAX_CONTROL_LINE)
 
         self.assertTrue(transport.disconnecting)
         self.assertEqual(transport.value(), b"")
         self.assertIn("control line longer", self.logs.messages(LogLevel.error)[0])
+
+    def test_oversized_info_line_drops(self) -> None:
+        protocol, transport = self.connect(self.credentials)
+
+        protocol.dataReceived(b"INFO " + b"x" * MAX_INFO_LINE)
+
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+        self.assertIn(f"maximum of {MAX_INFO_LINE} bytes", self.logs.messages(LogLevel.error)[0])
+
+    def test_long_info_of_large_cluster_accepted(self) -> None:
+        protocol, transport = self.connect(self.credentials)
+        urls = [f"10.0.{i // 250}.{i % 250}:4222" for i in range(500)]
+        info = info_line(connect_urls=urls)
+        self.assertGreater(len(info), MAX_CONTROL_LINE)
+
+        protocol.dataReceived(info)
+
+        self.assertFalse(transport.disconnecting)
+        self.assertTrue(transport.value().startswith(b"CONNECT "))
 
     def test_oversized_line_with_crlf_drops(self) -> None:
         protocol, transport = self.establish()

@@ -37,9 +37,11 @@ DEFAULT_PORT = 4222
 
 # nats-server's MAX_CONTROL_LINE_SIZE: the longest protocol line, without CRLF, that
 # the client accepts.
-# NOTE: nats-server does not limit the INFO lines it sends, so an INFO with a very long
-# connect_urls list (a large cluster) would exceed this and be treated as an error.
 MAX_CONTROL_LINE = 4096
+
+# nats-server does not limit the INFO lines it sends, and the connect_urls of a large
+# cluster can make one longer than MAX_CONTROL_LINE, so INFO gets a limit of its own.
+MAX_INFO_LINE = 256 * 1024
 
 # nats-server's default max_payload (MAX_PAYLOAD_SIZE), used until INFO gives the value.
 DEFAULT_MAX_PAYLOAD = 1024 * 1024
@@ -496,16 +498,17 @@ class NATSClientProtocol(Protocol):
 
     def _take_line(self) -> bytes | None:
         """Remove and return the next control line without its line end, if complete."""
-        end = self._buffer.find(b"\n", 0, MAX_CONTROL_LINE + 2)
+        limit = MAX_INFO_LINE if self._buffer[:5].upper() == b"INFO " else MAX_CONTROL_LINE
+        end = self._buffer.find(b"\n", 0, limit + 2)
         if end < 0:
-            if len(self._buffer) > MAX_CONTROL_LINE + 1:
-                raise _ProtocolViolation(f"control line longer than the maximum of {MAX_CONTROL_LINE} bytes")
+            if len(self._buffer) > limit + 1:
+                raise _ProtocolViolation(f"control line longer than the maximum of {limit} bytes")
             return None
 
         line = bytes(self._buffer[:end]).rstrip(b"\r")
         del self._buffer[: end + 1]
-        if len(line) > MAX_CONTROL_LINE:
-            raise _ProtocolViolation(f"control line longer than the maximum of {MAX_CONTROL_LINE} bytes")
+        if len(line) > limit:
+            raise _ProtocolViolation(f"control line longer than the maximum of {limit} bytes")
         return line
 
     def _take_payload(self, frame: _Frame) -> bool:
