@@ -56,7 +56,7 @@ NO_STORE = (
 # authentication with these requests.
 CORS_METHODS = (b"GET", b"HEAD", b"POST")
 CORS_DEFAULT_HEADERS = b"Content-Type, If-None-Match"
-# How long, in seconds, a browser may cache the response to a preflight request.
+# The time in seconds for which a browser may cache the response to a preflight request.
 CORS_MAX_AGE = b"7200"
 _HEADER_NAMES = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
 
@@ -447,7 +447,7 @@ class AccountFastPath(Resource):
     goes to the Klein app, which returns the same response for these requests.
 
     CORS is handled here for every route, and only for requests with an Origin header:
-    preflight requests are answered at once, and other requests get the CORS headers
+    preflight requests get their response at once, and other requests get the CORS headers
     before they are served.
     """
 
