@@ -115,7 +115,7 @@ class MergeCounts:
 
 
 class AccountUpdatePublisher(Protocol):
-    """The part of the claim update publisher that peer sync uses."""
+    """The part of the claim update publisher that peer sync and the responder use."""
 
     def publish_account_update(self, account: str, jwt: bytes) -> None: ...
 
@@ -239,8 +239,8 @@ class RejectionLog:
 # Peers over NATS
 
 
-class PeerConnection(Protocol):
-    """The parts of NATSConnection that PeerSync uses."""
+class SubscribingConnection(Protocol):
+    """The parts of NATSConnection that the resolver responder uses."""
 
     @property
     def connected(self) -> bool: ...
@@ -252,6 +252,10 @@ class PeerConnection(Protocol):
     ) -> Subscription: ...
 
     def unsubscribe(self, subscription: Subscription) -> None: ...
+
+
+class PeerConnection(SubscribingConnection, Protocol):
+    """The parts of NATSConnection that PeerSync uses."""
 
     def add_ready_callback(self, callback: Callable[[], object]) -> None: ...
 

@@ -26,7 +26,7 @@ import secrets
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -39,7 +39,15 @@ from nasd.jwt import Token
 from nasd.keys import is_account_key, short_key
 from nasd.logs import observer
 from nasd.nats import MaxPayloadExceededError, Message, NATSConnection, NotConnectedError, Subscription
-from nasd.replication import PACK_REQUEST_SUBJECT, PACK_SEPARATOR, JWTMerger, MergeOutcome, MergeResult
+from nasd.replication import (
+    PACK_REQUEST_SUBJECT,
+    PACK_SEPARATOR,
+    AccountUpdatePublisher,
+    JWTMerger,
+    MergeOutcome,
+    MergeResult,
+    SubscribingConnection,
+)
 from nasd.store import AccountStore, StoredJWT, pack_store, store_hash
 
 log = Logger(observer=observer)
@@ -76,27 +84,6 @@ ERROR_CODES = {
     MergeOutcome.OLDER: 409,
     MergeOutcome.FAILED: 500,
 }
-
-
-class ResponderConnection(Protocol):
-    """The parts of NATSConnection that the responder uses."""
-
-    @property
-    def connected(self) -> bool: ...
-
-    def publish(self, subject: str, payload: bytes, reply: str | None = None) -> None: ...
-
-    def subscribe(
-        self, subject: str, callback: Callable[[Message], object], queue: str | None = None
-    ) -> Subscription: ...
-
-    def unsubscribe(self, subscription: Subscription) -> None: ...
-
-
-class UpdatePublisher(Protocol):
-    """The part of the NATS publisher of claim updates that the responder uses."""
-
-    def publish_account_update(self, account: str, jwt: bytes) -> None: ...
 
 
 @dataclass
@@ -154,10 +141,10 @@ class ResolverResponder(Service):
     def __init__(
         self,
         clock: IReactorTime,
-        connection: ResponderConnection | NATSConnection,
+        connection: SubscribingConnection | NATSConnection,
         store: AccountStore,
         merger: JWTMerger,
-        publisher: UpdatePublisher | None = None,
+        publisher: AccountUpdatePublisher | None = None,
         system_account: Token | None = None,
         identity: ServerIdentity | None = None,
     ) -> None:
