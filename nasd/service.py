@@ -154,7 +154,8 @@ class NasService(MultiService):
         def failed(failure: Failure) -> None:
             log.error("store: listing {path} failed: {error}", path=store.location, error=failure.getErrorMessage())
 
-        store.list_in_background().addCallbacks(report, failed)
+        # Only peers over NATS compare store hashes.
+        store.list_in_background(compute_hash=self.publisher is not None).addCallbacks(report, failed)
 
     def stopService(self) -> Deferred[None]:
         return ensureDeferred(self._stop())

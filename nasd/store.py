@@ -300,12 +300,16 @@ class DirectoryStore(MemoryStore):
                 raise StoreError(f"the store folder {self.location} does not exist")
             make_folder_durably(self.location)
         if list_keys:
-            self._listed(*self._list_and_hash())
+            self._listed(*self._list_and_hash(compute_hash=True))
 
-    def list_in_background(self) -> Deferred[int]:
-        """List the stored account keys and compute the store hash in a thread; fires with
-        the number of keys."""
-        listing = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._list_and_hash)
+    def list_in_background(self, compute_hash: bool = True) -> Deferred[int]:
+        """List the stored account keys and, with *compute_hash*, compute the store hash, in
+        a thread; fires with the number of keys.
+
+        The hash reads every file, so it is skipped when nothing compares stores (no NATS
+        connection, hence no peers): listing the names alone is much cheaper.
+        """
+        listing = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), self._list_and_hash, compute_hash)
 
         def listed(result: tuple[set[str], dict[str, int]]) -> int:
             self._listed(*result)
@@ -321,13 +325,16 @@ class DirectoryStore(MemoryStore):
         self._listing_waiters.append(waiter)
         return waiter
 
-    def _list_and_hash(self) -> tuple[set[str], dict[str, int]]:
-        """Return the stored account keys and the digest of each file that can be served.
+    def _list_and_hash(self, compute_hash: bool) -> tuple[set[str], dict[str, int]]:
+        """Return the stored account keys and, with *compute_hash*, the digest of each file
+        that can be served.
 
         Runs in a thread: it reads files and touches no state of the store.
         """
         keys = set(self._stored_keys())
-        digests = {}
+        digests: dict[str, int] = {}
+        if not compute_hash:
+            return keys, digests
         for key in keys:
             entry = _read_entry(self._path(key), self.check, quiet=True)
             if entry is not None:

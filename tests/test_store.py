@@ -276,3 +276,21 @@ class DurableFolderTests(unittest.TestCase):
         with open(path, "rb") as file:
             self.assertEqual(file.read(), b"x")
         self.assertEqual(stat.S_IMODE(os.stat(os.path.join(parent, "a")).st_mode), 0o700)
+
+
+class ListingTests(unittest.TestCase):
+    async def test_listing_without_hash_reads_no_file(self):
+        parent = tempfile.mkdtemp(prefix="nasd-store-")
+        self.addCleanup(shutil.rmtree, parent, ignore_errors=True)
+        first = DirectoryStore(reactor, parent, shard=True)
+        first.open()
+        await first.save(decode_account(fixture_jwt("SHOP")))
+
+        reads = []
+        self.patch(store_module, "_read_entry", lambda *arguments, **keywords: reads.append(arguments))
+        store = DirectoryStore(reactor, parent, shard=True)
+        store.open(list_keys=False)
+        count = await store.list_in_background(compute_hash=False)
+        self.assertEqual(count, 1)
+        self.assertEqual(reads, [])
+        self.assertTrue(store.listed)
