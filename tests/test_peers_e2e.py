@@ -16,7 +16,7 @@ from pathlib import Path
 import nkeys
 import pytest
 
-from tests.processes import Nasd, NatsServer, Process, executable, free_port, http_request, port_open, wait_for
+from tests.processes import Nasd, NatsServer, executable, free_port, http_request, wait_for
 from tests.test_e2e import EventLoop, connect, exchange
 from tests.tokens import (
     ACME,
@@ -43,36 +43,16 @@ nats = pytest.importorskip("nats")
 CONVERGENCE_LIMIT = 5.0
 
 
-class CacheNatsServer(Process):
+def cache_nats_server(workdir: Path, name: str = "cache") -> NatsServer:
     """nats-server with ``resolver: { type: cache }``: it looks accounts up over NATS.
 
     The system account is preloaded, because the lookups themselves need it.
     """
-
-    def __init__(self, workdir: Path, name: str = "cache") -> None:
-        binary = executable("nats-server")
-        assert binary is not None
-        self.port = free_port()
-        self.config_path = workdir / f"{name}.conf"
-        self.config_path.write_text(
-            f"listen: 127.0.0.1:{self.port}\n"
-            f"server_name: {name}\n"
-            f"operator: {STORE / 'demo.jwt'}\n"
-            f"system_account: {SYS}\n"
-            f'resolver: {{ type: cache, dir: "{workdir / (name + "-jwt")}" }}\n'
-            f"resolver_preload: {{ {SYS}: {fixture_jwt('SYS').decode()} }}\n"
-        )
-        super().__init__([binary, "-c", str(self.config_path)], workdir / f"{name}.log", workdir)
-
-    def start(self, timeout: float = 20.0) -> None:
-        super().start()
-
-        def ready():
-            if not self.running():
-                raise AssertionError(f"nats-server exited early:\n{self.output()}")
-            return port_open(self.port)
-
-        wait_for(ready, timeout, "nats-server to listen")
+    resolver = (
+        f'resolver: {{ type: cache, dir: "{workdir / (name + "-jwt")}" }}\n'
+        f"resolver_preload: {{ {SYS}: {fixture_jwt('SYS').decode()} }}"
+    )
+    return NatsServer(workdir, None, name=name, resolver=resolver)
 
     @property
     def url(self) -> str:
@@ -149,7 +129,7 @@ def loop():
 
 
 def test_cache_resolver_looks_up_accounts_from_nasd(tmp_path, loop):
-    nats_server = CacheNatsServer(tmp_path)
+    nats_server = cache_nats_server(tmp_path)
     nats_server.start()
     nasd = Nasd(tmp_path, nasd_config(tmp_path, "nasd", nats_server.url))
     try:

@@ -3,10 +3,8 @@ a nats-py responder behind the real nats-server. Everything listens on 127.0.0.1
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import pytest
 
 from nasd.jwt import decode_account
 from tests.processes import Nasd, NatsServer, executable, free_port, wait_for
+from tests.test_e2e import EventLoop
 from tests.tokens import (
     CREDS,
     OPERATOR_SIGNING_KEY,
@@ -37,22 +36,6 @@ nats = pytest.importorskip("nats")
 
 SIGN_SUBJECT = "nasd.sign"
 QUEUED_MESSAGE = "queued for review by the operator; check back later"
-
-
-class EventLoop:
-    """An asyncio loop in a thread, so that the nats-py responder keeps running between calls."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coroutine, timeout: float = 20.0):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 class SigningResponder:
