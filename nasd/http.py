@@ -651,7 +651,7 @@ GET /jwt/v1/accounts/
 GET /jwt/v1/accounts/<account public key>
     Returns the stored account JWT (Content-Type application/jwt) with an ETag
     of the JWT's jti. A request whose If-None-Match matches gets 304. An unknown
-    or malformed key gets 404. Query flags (each takes true):
+    or malformed key gets 404. Query flags (each takes true, 1 or yes):
       text=true     return the JWT as text/plain
       decode=true   return the header and claims as indented JSON, with the
                     dates of iat, exp and nbf in UTC
@@ -715,7 +715,8 @@ GET /jwt/v1/help
 
 GET /healthz
     Returns 200 with a JSON report: the store, the number of accounts, and
-    whether NATS is connected, with the number of updates still to publish.
+    whether NATS is connected, with the number of updates still to publish and
+    the UTC times of the last confirmed and the last acknowledged update.
 
 CORS
     A request with an Origin header gets Access-Control-Allow-Origin: * (no
