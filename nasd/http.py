@@ -210,7 +210,7 @@ class AccountServerAPI:
             raise JWTError("the request body is empty; send the account JWT as the body")
         now = self.clock.seconds()
         try:
-            return check_account_jwt(key, body, self.operator, now)
+            return check_account_jwt(key, body, self.operator, now, key_source=" named in the URL")
         except JWTError as error:
             message = str(error)
         # Without an operator, no JWT that a signing service returns could be trusted.
@@ -222,8 +222,6 @@ class AccountServerAPI:
                 "the JWT is self-signed by the account; the operator must sign it with its key or a signing key, "
                 "because this account server has no signing service (signrequestsubject)"
             )
-        if message.startswith("the JWT is for account "):
-            message += " named in the URL"
         raise JWTError(message)
 
     @app.route("/jwt/v1/activations", methods=["POST"])

@@ -9,11 +9,13 @@ from __future__ import annotations
 from nasd.jwt import JWTError, Operator, Token, account_problems, decode_account
 
 
-def check_account_jwt(key: str, body: bytes, operator: Operator | None, now: float) -> Token:
+def check_account_jwt(key: str, body: bytes, operator: Operator | None, now: float, key_source: str = "") -> Token:
     """Decode and check an account JWT for *key* as nats-server would; raise JWTError.
 
     The JWT must be validly signed, be for account *key*, be issued by the operator or
     one of its signing keys, be valid at *now* and have well-formed claims.
+    *key_source* follows the expected key in the mismatch message, such as " named in
+    the URL".
     """
     if not body.strip():
         raise JWTError("the JWT is empty")
@@ -22,7 +24,7 @@ def check_account_jwt(key: str, body: bytes, operator: Operator | None, now: flo
     except JWTError as error:
         raise JWTError(f"invalid JWT: {error}") from None
     if token.subject != key:
-        raise JWTError(f"the JWT is for account {token.subject[:60]}, not for {key}")
+        raise JWTError(f"the JWT is for account {token.subject[:60]}, not for {key}{key_source}")
     check_issuer(token, operator)
     problems = account_problems(token, now)
     if problems:
