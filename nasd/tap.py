@@ -76,7 +76,7 @@ def parse_host_port(value: str) -> tuple[str, int]:
 def build_config(options: Options | dict[str, Any]) -> Config:
     """Load the configuration file, if any, and apply the command-line overrides."""
     config = configuration.load(options["config"]) if options["config"] else Config()
-    working_folder = os.getcwd()
+
     if options["dir"] is not None:
         folder = os.path.abspath(os.path.expanduser(options["dir"]))
         config = configuration.with_overrides(config, store={"dir": folder, "nsc": None})
@@ -87,10 +87,11 @@ def build_config(options: Options | dict[str, Any]) -> Config:
         config = configuration.with_overrides(config, store={"readonly": True})
     if options["primary"] is not None:
         config = configuration.with_overrides(config, primary=options["primary"])
+
     if options["operator"] is not None:
         value = options["operator"]
         if not value.startswith("eyJ"):
-            value = os.path.normpath(os.path.join(working_folder, os.path.expanduser(value)))
+            value = os.path.abspath(os.path.expanduser(value))
         config = configuration.with_overrides(config, operator=value)
     if options["nats"] is not None:
         config = configuration.with_overrides(config, nats={"servers": tuple(options["nats"])})
@@ -101,10 +102,12 @@ def build_config(options: Options | dict[str, Any]) -> Config:
     if options["hp"] is not None:
         host, port = options["hp"]
         config = configuration.with_overrides(config, http={"host": host, "port": port})
+
     if options["debug"]:
         config = configuration.with_overrides(config, logging={"debug": True})
     if options["trace"]:
         config = configuration.with_overrides(config, logging={"trace": True})
+
     configuration.check_store(config.store)
     return config
 
